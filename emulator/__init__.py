@@ -1,0 +1,1 @@
+"""vLLM-shaped engine emulator: an OpenAI-compatible HTTP server backed by an engine model."""

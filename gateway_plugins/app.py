@@ -1,0 +1,112 @@
+"""One gateway process: discovery -> registry -> router -> ext_proc service, plus health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway_plugins.config import GatewaySettings
+from gateway_plugins.discovery.kubernetes import KubernetesDiscovery
+from gateway_plugins.discovery.registry import PodRegistry
+from gateway_plugins.discovery.static import StaticDiscovery
+from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
+from gateway_plugins.health import HealthServer
+from gateway_plugins.metrics import PodCollector, metrics_app
+from gateway_plugins.routing.router import Router
+from gateway_plugins.routing.strategies import build_strategies
+from gateway_plugins.transport.server import GrpcServer
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.pods = PodRegistry()
+        self.router = Router(
+            self.pods,
+            build_strategies(),
+            default_strategy=settings.default_strategy,
+            model_strategies={
+                m: s.routing_strategy for m, s in settings.models.items() if s.routing_strategy
+            },
+        )
+        self.service = ExtProcService(settings, self.pods, self.router)
+        self.grpc = GrpcServer(
+            {PROCESS_METHOD: self.service},
+            # A BUFFERED body arrives as one message: leave room to answer 413 ourselves.
+            max_message_bytes=max(64 << 20, 2 * settings.max_body_bytes),
+        )
+        self.health = HealthServer()
+        self.metrics = CollectorRegistry()
+        self.metrics.register(PodCollector(self.pods))
+        self._metrics_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.grpc_port = self.health_port = self.metrics_port = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        discovery = s.discovery
+        if discovery.source == "static":
+            if not discovery.endpoints_file:
+                raise ValueError("discovery.endpoints_file is required with the static source")
+            static = StaticDiscovery(discovery.endpoints_file, self.pods, discovery.reload_seconds)
+            static.load()
+            self._tasks.append(asyncio.create_task(static.run(), name="static-discovery"))
+        else:
+            kube = KubernetesDiscovery(
+                self.pods,
+                namespace=discovery.namespace,
+                label_selector=discovery.label_selector,
+                watch_timeout_seconds=discovery.watch_timeout_seconds,
+            )
+            self._tasks.append(asyncio.create_task(kube.run(), name="kubernetes-discovery"))
+        self.grpc_port = await self.grpc.start(s.listen_host, s.grpc_port)
+        self.health_port = await self.health.start(s.listen_host, s.health_port)
+        self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, s.listen_host, s.metrics_port)
+        await site.start()
+        self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info(
+            "gateway ready",
+            extra={
+                "contract": s.contract,
+                "grpc_port": self.grpc_port,
+                "health_port": self.health_port,
+                "metrics_port": self.metrics_port,
+                "default_strategy": s.default_strategy,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Drain: readiness off, GOAWAY to Envoy, wait for open streams, then close."""
+        await self.health.set_ready(False)
+        await self.grpc.drain(self.settings.drain_seconds)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.health.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", extra={"open_streams": gateway.grpc.open_streams})
+    await gateway.stop()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Where engine pods come from: a static endpoints file or the Kubernetes API, into one registry."""

@@ -1,0 +1,1 @@
+"""The Envoy External Processing protocol: stream state machine, reply encoding, wire contracts."""

@@ -1,0 +1,112 @@
+"""Serialized ext_proc ``ProcessingResponse`` messages, built once where possible.
+
+Every function returns bytes ready for ``GrpcStream.send``. Replies that never
+change (a plain CONTINUE) are module constants; the rest are small builders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from brickyard.api.envoy.config.core.v3 import base_pb2 as core
+from brickyard.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
+from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from gateway_plugins.errors import GatewayError
+
+#: Largest body chunk sent back in FULL_DUPLEX_STREAMED mode (what peers use; under 64 KiB).
+STREAMED_CHUNK_BYTES = 62_000
+FULL_DUPLEX = modes.ProcessingMode.FULL_DUPLEX_STREAMED
+_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+ProcessingRequest = pb.ProcessingRequest
+
+
+def header_mutation(
+    set_headers: Mapping[str, str] | None = None, remove: Sequence[str] = ()
+) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            core.HeaderValueOption(
+                header=core.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+            )
+            for k, v in (set_headers or {}).items()
+        ],
+        remove_headers=remove,
+    )
+
+
+def _struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if not metadata:
+        return None
+    value = struct_pb2.Struct()
+    value.update(metadata)
+    return value
+
+
+def request_headers_reply(
+    mutation: pb.HeaderMutation | None = None, metadata: Mapping[str, Any] | None = None
+) -> bytes:
+    common = pb.CommonResponse(header_mutation=mutation)
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=common), dynamic_metadata=_struct(metadata)
+    ).SerializeToString()
+
+
+def request_body_reply(
+    mutation: pb.HeaderMutation | None = None, metadata: Mapping[str, Any] | None = None
+) -> bytes:
+    common = pb.CommonResponse(header_mutation=mutation)
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=_struct(metadata)
+    ).SerializeToString()
+
+
+def response_headers_reply(mutation: pb.HeaderMutation | None = None) -> bytes:
+    return pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+    ).SerializeToString()
+
+
+def streamed_body(direction: str, body: bytes, end_of_stream: bool) -> Iterator[bytes]:
+    """FULL_DUPLEX_STREAMED: hand a body back as ``streamed_response`` chunks.
+
+    ``direction`` is ``request_body`` or ``response_body``. An empty body still
+    yields one (empty) chunk so that ``end_of_stream`` reaches Envoy.
+    """
+    last = max(len(body) - 1, 0) // STREAMED_CHUNK_BYTES * STREAMED_CHUNK_BYTES
+    for start in range(0, last + 1, STREAMED_CHUNK_BYTES):
+        chunk = pb.StreamedBodyResponse(
+            body=body[start : start + STREAMED_CHUNK_BYTES], end_of_stream=end_of_stream and start == last
+        )
+        reply = pb.BodyResponse(
+            response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=chunk))
+        )
+        yield pb.ProcessingResponse(**{direction: reply}).SerializeToString()
+
+
+def immediate_response(status: int, body: bytes, headers: Mapping[str, str], details: str = "") -> bytes:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status={"code": status}, headers=header_mutation(headers), body=body, details=details
+        )
+    ).SerializeToString()
+
+
+def error_reply(error: GatewayError) -> bytes:
+    return immediate_response(
+        error.status, error.body(), error.response_headers(), f"brickyard_{error.cause}"
+    )
+
+
+#: Replies that do not depend on the request.
+CONTINUE_REQUEST_HEADERS = request_headers_reply()
+CONTINUE_REQUEST_BODY = request_body_reply()
+CONTINUE_RESPONSE_HEADERS = response_headers_reply()
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString()
+CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString()
+CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(
+    response_trailers=pb.TrailersResponse()
+).SerializeToString()

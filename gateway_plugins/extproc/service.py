@@ -1,0 +1,95 @@
+"""The ext_proc service: per-gateway state shared by all streams, and reply encoding."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway_plugins.config import GatewaySettings
+from gateway_plugins.discovery.registry import PodRegistry
+from gateway_plugins.errors import GatewayError
+from gateway_plugins.extproc import messages
+from gateway_plugins.extproc.contracts import CONTRACTS
+from gateway_plugins.extproc.stream import ExtProcStream
+from gateway_plugins.routing.router import Decision, Router
+
+if TYPE_CHECKING:
+    from gateway_plugins.transport.server import GrpcStream
+
+#: gRPC method path Envoy calls.
+PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+class ExtProcService:
+    """Creates one ``ExtProcStream`` per gRPC stream and encodes the replies they send."""
+
+    def __init__(self, settings: GatewaySettings, registry: PodRegistry, router: Router) -> None:
+        self.registry = registry
+        self.router = router
+        self.contract = CONTRACTS[settings.contract]
+        #: Body modes to assume when Envoy does not report them in protocol_config.
+        self.full_duplex_default = settings.contract == "epp"
+        self.fallbacks = settings.epp_fallbacks if settings.contract == "epp" else 0
+        self.max_body_bytes = settings.max_body_bytes
+        self.log_requests = logging.getLogger("gateway_plugins.requests").isEnabledFor(logging.DEBUG)
+        self._started = int(time.time())
+
+    def __call__(self, grpc: GrpcStream) -> ExtProcStream:
+        return ExtProcStream(self, grpc)
+
+    # -- replies -------------------------------------------------------------------
+
+    @staticmethod
+    def headers_reply(cleanup: tuple[dict[str, str], list[str]]) -> bytes:
+        add, remove = cleanup
+        if not add and not remove:
+            return messages.CONTINUE_REQUEST_HEADERS
+        return messages.request_headers_reply(messages.header_mutation(add, remove))
+
+    def routed_body_reply(self, decision: Decision) -> bytes:
+        """BUFFERED mode: the destination rides on the body reply; cached per (pod, strategy)."""
+        if decision.fallbacks:
+            headers, metadata = self.contract.destination(decision)
+            return messages.request_body_reply(messages.header_mutation(headers), metadata)
+        encoded = decision.pod.encoded
+        reply = encoded.get(decision.strategy)
+        if reply is None:
+            headers, metadata = self.contract.destination(decision)
+            reply = encoded[decision.strategy] = messages.request_body_reply(
+                messages.header_mutation(headers), metadata
+            )
+        return reply
+
+    def routed_headers_reply(self, decision: Decision, cleanup: tuple[dict[str, str], list[str]]) -> bytes:
+        """FULL_DUPLEX_STREAMED mode: the destination rides on the (deferred) headers reply."""
+        headers, metadata = self.contract.destination(decision)
+        add, remove = cleanup
+        return messages.request_headers_reply(messages.header_mutation({**headers, **add}, remove), metadata)
+
+    @staticmethod
+    def response_headers_reply(decision: Decision | None, request_id: str) -> bytes:
+        """Tell the client which pod served it (when Envoy sends us the response headers)."""
+        headers = {"request-id": request_id}
+        if decision is not None:
+            headers["target-pod"] = decision.pod.name
+            headers["target-pod-ip"] = decision.pod.address
+            headers["routing-strategy"] = decision.strategy
+        return messages.response_headers_reply(messages.header_mutation(headers))
+
+    def models_body(self, model_id: str) -> bytes:
+        """``GET /v1/models`` (models with a ready pod) or ``GET /v1/models/{id}``."""
+        models = [
+            {"id": name, "object": "model", "created": self._started, "owned_by": "brickyard"}
+            for name in self.registry.serving_models()
+        ]
+        if not model_id:
+            return orjson.dumps({"object": "list", "data": models})
+        for model in models:
+            if model["id"] == model_id:
+                return orjson.dumps(model)
+        raise GatewayError(
+            404, f"The model `{model_id}` does not exist.", cause="model-not-found", code="model_not_found"
+        )

@@ -1,0 +1,1 @@
+"""Routing: request and pod types, strategies (pure scoring functions), selection, the router."""

@@ -1,0 +1,1 @@
+"""The runtime sidecar that runs beside each engine (metrics to Redis, LoRA adapters, downloads)."""

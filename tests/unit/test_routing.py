@@ -1,0 +1,104 @@
+import random
+from collections import Counter
+
+import pytest
+
+from gateway_plugins.discovery.registry import PodInfo, PodRegistry
+from gateway_plugins.errors import GatewayError
+from gateway_plugins.routing.router import Router
+from gateway_plugins.routing.select import rank
+from gateway_plugins.routing.strategies import LeastRequestStrategy, RandomStrategy, build_strategies
+from gateway_plugins.routing.types import PodState, RoutingRequest
+
+
+def pods(n: int, model: str = "m") -> list[PodInfo]:
+    return [PodInfo(f"p{i}", f"10.0.0.{i}:8000", model) for i in range(n)]
+
+
+def router(n: int = 3, **kwargs: object) -> Router:
+    registry = PodRegistry()
+    registry.replace_all(pods(n))
+    return Router(registry, build_strategies(), default_strategy="least-request", **kwargs)  # type: ignore[arg-type]
+
+
+def test_rank_breaks_ties_at_random() -> None:
+    random.seed(1)
+    picks = Counter(rank([1.0, 3.0, 3.0, 0.0])[0] for _ in range(400))
+    assert set(picks) == {1, 2}
+    assert min(picks.values()) > 150
+
+
+def test_rank_orders_best_first() -> None:
+    assert rank([0.1, 0.9, 0.5], 3) == [1, 2, 0]
+    assert rank([0.1, 0.9, 0.5], 2) == [1, 2]
+
+
+def test_least_request_prefers_fewest_inflight() -> None:
+    states = [PodState("a", "1:1", "m", inflight=3), PodState("b", "1:2", "m", inflight=1)]
+    scores = LeastRequestStrategy().score(RoutingRequest("m"), states)
+    assert rank(scores) == [1]
+
+
+def test_random_covers_all_pods() -> None:
+    states = [PodState(f"p{i}", f"1:{i}", "m") for i in range(4)]
+    strategy = RandomStrategy()
+    seen = {rank(strategy.score(RoutingRequest("m"), states))[0] for _ in range(200)}
+    assert seen == {0, 1, 2, 3}
+
+
+def test_burst_spreads_because_inflight_counts_at_selection() -> None:
+    r = router(3)
+    decisions = [r.route(RoutingRequest("m")) for _ in range(9)]
+    assert Counter(d.pod.name for d in decisions) == {"p0": 3, "p1": 3, "p2": 3}
+    for decision in decisions:
+        r.release(decision)
+    assert [p.inflight for p in r.registry.ready_pods("m")] == [0, 0, 0]
+
+
+def test_strategy_precedence_header_then_model_then_default() -> None:
+    r = router(2, model_strategies={"m": "random"})
+    assert r.route(RoutingRequest("m")).strategy == "random"
+    assert r.route(RoutingRequest("m"), r.strategy("least-request")).strategy == "least-request"
+    other = router(2)
+    assert other.route(RoutingRequest("m")).strategy == "least-request"
+
+
+def test_unknown_strategy_is_a_400() -> None:
+    with pytest.raises(GatewayError) as info:
+        router().strategy("fastest-please")
+    assert info.value.status == 400
+    assert "least-request" in info.value.message
+
+
+def test_unknown_strategy_in_configuration_fails_at_startup() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        Router(PodRegistry(), build_strategies(), default_strategy="nope")
+
+
+def test_unknown_model_404_and_known_model_without_ready_pods_503() -> None:
+    r = router(1)
+    with pytest.raises(GatewayError) as unknown:
+        r.route(RoutingRequest("other"))
+    assert (unknown.value.status, unknown.value.code) == (404, "model_not_found")
+    r.registry.upsert(PodInfo("p0", "10.0.0.0:8000", "m", ready=False))
+    with pytest.raises(GatewayError) as none_ready:
+        r.route(RoutingRequest("m"))
+    assert none_ready.value.status == 503
+    assert none_ready.value.cause == "no-model-backends"
+
+
+def test_subset_hint_restricts_candidates() -> None:
+    r = router(3)
+    for _ in range(10):
+        assert r.route(RoutingRequest("m"), subset={"10.0.0.2:8000"}).pod.name == "p2"
+    with pytest.raises(GatewayError) as info:
+        r.route(RoutingRequest("m"), subset=set())
+    assert info.value.status == 503
+
+
+def test_fallbacks_are_distinct_and_ranked() -> None:
+    decision = router(3).route(RoutingRequest("m"), fallbacks=2)
+    names = [decision.pod.name, *(p.name for p in decision.fallbacks)]
+    assert sorted(names) == ["p0", "p1", "p2"]
+    assert decision.pod.inflight == 1
+    assert all(p.inflight == 0 for p in decision.fallbacks)
