@@ -55,6 +55,10 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         if name not in names:
             raise ConfigError(f"{path}{key}: unknown setting (known: {', '.join(sorted(names))})")
         kwargs[name] = _convert(hints[name], value, f"{path}{key}")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in kwargs:
+            raise ConfigError(f"{path}{f.name}: required setting missing")
     return cls(**kwargs)
 
 

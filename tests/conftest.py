@@ -63,7 +63,9 @@ class Deployment:
             for sample in family.samples
         }
 
-    def wait_inflight(self, check: Callable[[dict[str, float]], bool], timeout: float = 5.0) -> dict[str, float]:
+    def wait_inflight(
+        self, check: Callable[[dict[str, float]], bool], timeout: float = 5.0
+    ) -> dict[str, float]:
         deadline = time.monotonic() + timeout
         while True:
             counts = self.inflight()

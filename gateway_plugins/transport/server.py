@@ -173,6 +173,12 @@ class GrpcStream:
 
     def _receive(self, data: bytes, frame_length: int, end_stream: bool) -> None:
         conn = self._conn
+        if self._local_closed:  # we have answered; drop what the client still sends
+            if end_stream:
+                self._remote_closed = True
+                if self._pending_trailers is None:
+                    conn._remove(self)
+            return
         if not end_stream:
             self._recv_unacked += frame_length
             if self._recv_unacked >= STREAM_RECEIVE_WINDOW // 2:
@@ -194,6 +200,7 @@ class GrpcStream:
             pos += 5 + length
             self._dispatch(self.handler.on_message, message)  # type: ignore[union-attr]
             if self._local_closed:
+                self._receive(b"", 0, end_stream)
                 return
         self._recv = buf[pos:] if pos < size else b""
         if end_stream:
@@ -375,8 +382,6 @@ class GrpcConnection(asyncio.Protocol):
         if flags & Flag.PADDED:
             payload = _strip_padding(payload)
         stream._receive(payload, length, bool(flags & Flag.END_STREAM))
-        if stream._local_closed and stream._remote_closed and not stream._pending:
-            self._remove(stream)
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or stream_id % 2 == 0:
@@ -423,8 +428,8 @@ class GrpcConnection(asyncio.Protocol):
         factory = self._server.handlers.get(path.decode("ascii", "replace"))
         if factory is None:
             stream.finish(GrpcStatus.UNIMPLEMENTED, f"unknown method {path.decode('ascii', 'replace')}")
-            return
-        stream.handler = factory(stream)
+        else:
+            stream.handler = factory(stream)
         if end_stream:
             stream._receive(b"", 0, True)
 
@@ -510,12 +515,10 @@ class GrpcConnection(asyncio.Protocol):
                 return
 
     def _write_trailers(self, stream: GrpcStream, trailers: bytes) -> None:
+        """The stream is done once the client has also finished sending (or resets it)."""
         self._write(trailers)
-        if not stream._remote_closed:
-            # The client may still be sending; tell it we are done with the stream.
-            self._write(rst_stream(stream.id, ErrorCode.NO_ERROR))
-            stream._remote_closed = True
-        self._remove(stream)
+        if stream._remote_closed:
+            self._remove(stream)
 
     def _remove(self, stream: GrpcStream) -> None:
         if self._streams.pop(stream.id, None) is not None:

@@ -34,7 +34,10 @@ def test_chat_lands_on_the_pod_named_in_the_response(deployment: Deployment) -> 
         assert raw.headers["request-id"]
         completion = raw.parse()
         assert completion.choices[0].message.content
-        assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+        assert (
+            completion.usage.total_tokens
+            == completion.usage.prompt_tokens + completion.usage.completion_tokens
+        )
 
 
 def test_client_request_id_is_honoured(deployment: Deployment) -> None:
@@ -46,22 +49,30 @@ def test_client_request_id_is_honoured(deployment: Deployment) -> None:
 
 def test_client_cannot_choose_its_own_pod(deployment: Deployment) -> None:
     bogus = {"target-pod": "127.0.0.1:1", "x-gateway-destination-endpoint": "127.0.0.1:1"}
-    raw = client(deployment).chat.completions.with_raw_response.create(model=MODEL, messages=CHAT,
-                                                                        extra_headers=bogus)
+    raw = client(deployment).chat.completions.with_raw_response.create(
+        model=MODEL, messages=CHAT, extra_headers=bogus
+    )
     assert raw.headers["target-pod-ip"] != "127.0.0.1:1"
     assert raw.parse().choices[0].message.content
 
 
 def test_streams_arrive_intact(deployment: Deployment) -> None:
     """The SSE stream through Envoy and the gateway equals the engine's own, chunk for chunk."""
-    kwargs = {"model": MODEL, "messages": CHAT, "max_tokens": 40, "stream": True,
-              "stream_options": {"include_usage": True}}
+    kwargs = {
+        "model": MODEL,
+        "messages": CHAT,
+        "max_tokens": 40,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     through = list(client(deployment).chat.completions.create(**kwargs))
     engine = deployment.engines[0]
     direct = list(openai.OpenAI(base_url=f"{engine.url}/v1", api_key="x").chat.completions.create(**kwargs))
 
     def shape(chunks: list) -> list:
-        return [(c.choices[0].delta.content, c.choices[0].finish_reason) if c.choices else c.usage for c in chunks]
+        return [
+            (c.choices[0].delta.content, c.choices[0].finish_reason) if c.choices else c.usage for c in chunks
+        ]
 
     assert shape(through) == shape(direct)
     assert len(through) == 40 + 3  # role chunk, 40 tokens, finish chunk, usage chunk
@@ -72,8 +83,9 @@ def test_completions_embeddings_and_models(deployment: Deployment) -> None:
     api = client(deployment)
     completion = api.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5)
     assert completion.usage.completion_tokens == 5
-    streamed = "".join(c.choices[0].text for c in api.completions.create(model=MODEL, prompt="x", max_tokens=5,
-                                                                         stream=True))
+    streamed = "".join(
+        c.choices[0].text for c in api.completions.create(model=MODEL, prompt="x", max_tokens=5, stream=True)
+    )
     assert len(streamed.split()) == 5
     embedding = api.embeddings.create(model=MODEL, input=["a", "b"])
     assert [d.index for d in embedding.data] == [0, 1]
@@ -82,8 +94,12 @@ def test_completions_embeddings_and_models(deployment: Deployment) -> None:
 
 
 def _post(deployment: Deployment, path: str, body: bytes, **headers: str) -> httpx.Response:
-    return httpx.post(f"{deployment.base_url}{path}", content=body,
-                      headers={"content-type": "application/json", **headers}, timeout=30)
+    return httpx.post(
+        f"{deployment.base_url}{path}",
+        content=body,
+        headers={"content-type": "application/json", **headers},
+        timeout=30,
+    )
 
 
 def _chat(**fields: object) -> bytes:
@@ -96,9 +112,22 @@ def _chat(**fields: object) -> bytes:
         ("/v1/chat/completions", b"{not json", {}, 400, "invalid_json", "x-error-invalid-body"),
         ("/v1/chat/completions", _chat(), {}, 400, "missing_model", "x-error-missing-model"),
         ("/v1/chat/completions", _chat(model="nope"), {}, 404, "model_not_found", "x-error-model-not-found"),
-        ("/v1/chat/completions", _chat(model=MODEL), {"routing-strategy": "fastest"}, 400,
-         "invalid_routing_strategy", "x-error-invalid-routing-strategy"),
-        ("/v1/chat/completions", _chat(model=COLD_MODEL), {}, 503, "no_ready_pods", "x-error-no-model-backends"),
+        (
+            "/v1/chat/completions",
+            _chat(model=MODEL),
+            {"routing-strategy": "fastest"},
+            400,
+            "invalid_routing_strategy",
+            "x-error-invalid-routing-strategy",
+        ),
+        (
+            "/v1/chat/completions",
+            _chat(model=COLD_MODEL),
+            {},
+            503,
+            "no_ready_pods",
+            "x-error-no-model-backends",
+        ),
         ("/v1/audio/speech", _chat(model=MODEL), {}, 404, "unknown_url", "x-error-unsupported-path"),
         ("/v1/chat/completions", b"", {}, 400, "invalid_json", "x-error-invalid-body"),
     ],
@@ -122,8 +151,9 @@ def test_sdk_raises_typed_errors(deployment: Deployment) -> None:
         client(deployment).chat.completions.create(model="nope", messages=CHAT)
     assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
-        client(deployment).chat.completions.create(model=MODEL, messages=CHAT,
-                                                   extra_headers={"routing-strategy": "nope"})
+        client(deployment).chat.completions.create(
+            model=MODEL, messages=CHAT, extra_headers={"routing-strategy": "nope"}
+        )
 
 
 def test_body_over_the_gateway_limit_is_413(deployment: Deployment) -> None:

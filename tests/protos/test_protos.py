@@ -28,11 +28,15 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
     fresh, committed = tmp_path / "brickyard" / "api", REPO / "brickyard" / "api"
     generated = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
     assert generated, "the generator produced nothing"
-    stale = [str(p) for p in generated if not (committed / p).exists() or not filecmp.cmp(fresh / p, committed / p,
-                                                                                            shallow=False)]
+    stale = [
+        str(p)
+        for p in generated
+        if not (committed / p).exists() or not filecmp.cmp(fresh / p, committed / p, shallow=False)
+    ]
     assert not stale, f"run `make protos`: stale generated files {stale}"
     extra = sorted(
-        str(p.relative_to(committed)) for p in committed.rglob("*")
+        str(p.relative_to(committed))
+        for p in committed.rglob("*")
         if p.is_file() and p.suffix in {".py", ".pyi"} and p.relative_to(committed) not in generated
     )
     assert not extra, f"generated files without a .proto: {extra}"
@@ -58,10 +62,14 @@ def _metadata(namespaces: dict[str, dict]) -> core.Metadata:
 def test_request_headers_with_metadata_and_protocol_config() -> None:
     ours = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
-            headers=core.HeaderMap(headers=[core.HeaderValue(key=":path", raw_value=b"/v1/chat/completions")]),
+            headers=core.HeaderMap(
+                headers=[core.HeaderValue(key=":path", raw_value=b"/v1/chat/completions")]
+            ),
             end_of_stream=False,
         ),
-        metadata_context=_metadata({"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": ["1.2.3.4:80"]}}),
+        metadata_context=_metadata(
+            {"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": ["1.2.3.4:80"]}}
+        ),
         protocol_config=pb.ProtocolConfiguration(
             request_body_mode=modes.ProcessingMode.FULL_DUPLEX_STREAMED,
             response_body_mode=modes.ProcessingMode.BUFFERED,
@@ -71,7 +79,10 @@ def test_request_headers_with_metadata_and_protocol_config() -> None:
     assert theirs.request_headers.headers.headers[0].key == ":path"
     assert theirs.request_headers.headers.headers[0].raw_value == b"/v1/chat/completions"
     subset = theirs.metadata_context.filter_metadata["envoy.lb.subset_hint"]
-    assert subset.fields["x-gateway-destination-endpoint-subset"].list_value.values[0].string_value == "1.2.3.4:80"
+    assert (
+        subset.fields["x-gateway-destination-endpoint-subset"].list_value.values[0].string_value
+        == "1.2.3.4:80"
+    )
     assert theirs.protocol_config.request_body_mode.name == "FULL_DUPLEX_STREAMED"
     assert theirs.protocol_config.response_body_mode.name == "BUFFERED"
     assert pb.ProcessingRequest.FromString(bytes(theirs)) == ours
@@ -94,10 +105,14 @@ def test_routing_reply_with_header_mutation_and_dynamic_metadata() -> None:
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(
-                    set_headers=[core.HeaderValueOption(
-                        header=core.HeaderValue(key="x-gateway-destination-endpoint", raw_value=b"10.0.0.1:8000"),
-                        append_action=core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-                    )],
+                    set_headers=[
+                        core.HeaderValueOption(
+                            header=core.HeaderValue(
+                                key="x-gateway-destination-endpoint", raw_value=b"10.0.0.1:8000"
+                            ),
+                            append_action=core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                        )
+                    ],
                     remove_headers=["target-pod"],
                 ),
                 clear_route_cache=True,
@@ -108,7 +123,10 @@ def test_routing_reply_with_header_mutation_and_dynamic_metadata() -> None:
     )
     theirs = oracle.ProcessingResponse.parse(ours.SerializeToString())
     option = theirs.request_headers.response.header_mutation.set_headers[0]
-    assert (option.header.key, option.header.raw_value) == ("x-gateway-destination-endpoint", b"10.0.0.1:8000")
+    assert (option.header.key, option.header.raw_value) == (
+        "x-gateway-destination-endpoint",
+        b"10.0.0.1:8000",
+    )
     assert option.append_action.name == "OVERWRITE_IF_EXISTS_OR_ADD"
     assert theirs.request_headers.response.header_mutation.remove_headers == ["target-pod"]
     assert theirs.request_headers.response.clear_route_cache
@@ -128,7 +146,9 @@ def test_immediate_response_and_streamed_body() -> None:
     streamed = pb.ProcessingResponse(
         request_body=pb.BodyResponse(
             response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=b"abc", end_of_stream=True))
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=b"abc", end_of_stream=True)
+                )
             )
         )
     )

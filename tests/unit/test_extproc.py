@@ -67,13 +67,20 @@ async def epp() -> AsyncIterator[Harness]:
         yield harness
 
 
-def headers(path: str = "/v1/chat/completions", method: str = "POST", eos: bool = False,
-            config: pb.ProtocolConfiguration | None = None, metadata: dict | None = None,
-            **extra: str) -> pb.ProcessingRequest:
+def headers(
+    path: str = "/v1/chat/completions",
+    method: str = "POST",
+    eos: bool = False,
+    config: pb.ProtocolConfiguration | None = None,
+    metadata: dict | None = None,
+    **extra: str,
+) -> pb.ProcessingRequest:
     pairs = {":path": path, ":method": method, "x-request-id": "req-1", **extra}
     request = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
-            headers=core.HeaderMap(headers=[core.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
+            headers=core.HeaderMap(
+                headers=[core.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+            ),
             end_of_stream=eos,
         ),
     )
@@ -136,7 +143,9 @@ async def test_aibrix_routes_on_the_body_reply(aibrix: Harness) -> None:
 
 async def test_client_routing_headers_are_stripped(aibrix: Harness) -> None:
     (first, _) = await exchange(
-        aibrix, [headers(**{"target-pod": "6.6.6.6:1", "x-gateway-destination-endpoint": "6.6.6.6:1"}), body(CHAT)], 2
+        aibrix,
+        [headers(**{"target-pod": "6.6.6.6:1", "x-gateway-destination-endpoint": "6.6.6.6:1"}), body(CHAT)],
+        2,
     )
     removed = set(first.request_headers.response.header_mutation.remove_headers)
     assert removed == {"target-pod", "x-gateway-destination-endpoint"}
@@ -205,16 +214,26 @@ async def test_bad_input_gets_openai_errors_and_leaks_nothing(
     assert error["message"]
     assert error["type"] in {"invalid_request_error", "overloaded_error"}
     assert set_headers(replies[-1].immediate_response.headers).keys() & {
-        f"x-error-{c}" for c in ("unsupported-path", "method-not-allowed", "invalid-routing-strategy", "invalid-body",
-                                 "missing-model", "model-not-found", "no-model-backends", "body-too-large")
+        f"x-error-{c}"
+        for c in (
+            "unsupported-path",
+            "method-not-allowed",
+            "invalid-routing-strategy",
+            "invalid-body",
+            "missing-model",
+            "model-not-found",
+            "no-model-backends",
+            "body-too-large",
+        )
     }
     assert aibrix.inflight() == [0, 0, 0]
 
 
 async def test_response_headers_report_the_decision(aibrix: Harness) -> None:
     response_headers = pb.ProcessingRequest(
-        response_headers=pb.HttpHeaders(headers=core.HeaderMap(headers=[core.HeaderValue(key=":status",
-                                                                                          raw_value=b"200")]))
+        response_headers=pb.HttpHeaders(
+            headers=core.HeaderMap(headers=[core.HeaderValue(key=":status", raw_value=b"200")])
+        )
     )
     replies = await exchange(aibrix, [headers(), body(CHAT), response_headers], 3)
     added = set_headers(replies[2].response_headers.response.header_mutation)
@@ -252,7 +271,9 @@ async def test_epp_subset_hint_is_honoured(epp: Harness) -> None:
     for hint in (["10.0.0.2:8000"], "10.0.0.2:8000, 10.9.9.9:1"):
         metadata = {"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": hint}}
         first, _ = await exchange(epp, [headers(config=DUPLEX, metadata=metadata), body(CHAT)], 2)
-        endpoints = set_headers(first.request_headers.response.header_mutation)["x-gateway-destination-endpoint"]
+        endpoints = set_headers(first.request_headers.response.header_mutation)[
+            "x-gateway-destination-endpoint"
+        ]
         assert endpoints == "10.0.0.2:8000"
 
 
@@ -271,19 +292,29 @@ async def test_epp_echoes_response_body_and_trailers(epp: Harness) -> None:
     ]
     replies = await exchange(epp, [headers(config=DUPLEX), body(CHAT), *response], 6)
     echoed = [r.response_body.response.body_mutation.streamed_response for r in replies[3:5]]
-    assert [(e.body, e.end_of_stream) for e in echoed] == [(b"data: 1\n\n", False), (b"data: [DONE]\n\n", True)]
+    assert [(e.body, e.end_of_stream) for e in echoed] == [
+        (b"data: 1\n\n", False),
+        (b"data: [DONE]\n\n", True),
+    ]
     assert replies[5].WhichOneof("response") == "response_trailers"
 
 
 async def test_epp_request_trailers_end_the_body(epp: Harness) -> None:
     trailers = pb.ProcessingRequest(request_trailers=pb.HttpTrailers())
     replies = await exchange(epp, [headers(config=DUPLEX), body(CHAT, eos=False), trailers], 3)
-    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "request_trailers"]
+    assert [r.WhichOneof("response") for r in replies] == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+    ]
     streamed = replies[1].request_body.response.body_mutation.streamed_response
     assert (streamed.body, streamed.end_of_stream) == (CHAT, False)
 
 
 async def test_epp_contract_strips_control_headers(epp: Harness) -> None:
-    extra = {"x-gateway-inference-objective": "critical", "x-gateway-destination-endpoint-subset": "1.1.1.1:1"}
+    extra = {
+        "x-gateway-inference-objective": "critical",
+        "x-gateway-destination-endpoint-subset": "1.1.1.1:1",
+    }
     first, _ = await exchange(epp, [headers(config=DUPLEX, **extra), body(CHAT)], 2)
     assert set(first.request_headers.response.header_mutation.remove_headers) == set(extra)

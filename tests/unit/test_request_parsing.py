@@ -13,12 +13,22 @@ def body(**fields: object) -> bytes:
 def test_chat_request_fields() -> None:
     request = parse_body(
         Endpoint.CHAT,
-        body(model="m", stream=True, stream_options={"include_usage": True}, user="u1",
-             messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]),
+        body(
+            model="m",
+            stream=True,
+            stream_options={"include_usage": True},
+            user="u1",
+            messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        ),
         session_id="s1",
     )
     assert (request.model, request.stream, request.include_usage, request.user, request.session_id) == (
-        "m", True, True, "u1", "s1")
+        "m",
+        True,
+        True,
+        "u1",
+        "s1",
+    )
     assert request.prompt_text == "system\nbe brief\nuser\nhi\n"
 
 
@@ -35,11 +45,23 @@ def test_user_header_wins_over_body_user() -> None:
         (Endpoint.COMPLETIONS, {"prompt": [[1, 2], [3]]}, "1 2\n3"),
         (Endpoint.EMBEDDINGS, {"input": "embed me"}, "embed me"),
         (Endpoint.RESPONSES, {"input": "q", "instructions": "sys"}, "sys\nq"),
-        (Endpoint.RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_text", "text": "t"}]}]},
-         "user\nt"),
-        (Endpoint.CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                   {"type": "image_url", "image_url": {}}]}]},
-         "user\na\n"),
+        (
+            Endpoint.RESPONSES,
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": "t"}]}]},
+            "user\nt",
+        ),
+        (
+            Endpoint.CHAT,
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}],
+                    }
+                ]
+            },
+            "user\na\n",
+        ),
     ],
 )
 def test_prompt_text_per_endpoint(endpoint: Endpoint, fields: dict, expected: str) -> None:
@@ -61,7 +83,12 @@ def test_prompt_text_is_lazy_and_cached() -> None:
         (Endpoint.CHAT, b"{not json", "invalid_json", None),
         (Endpoint.CHAT, b"[1, 2]", "invalid_json", None),
         (Endpoint.CHAT, body(messages=[{"role": "user", "content": "x"}]), "missing_model", "model"),
-        (Endpoint.CHAT, body(model="", messages=[{"role": "user", "content": "x"}]), "missing_model", "model"),
+        (
+            Endpoint.CHAT,
+            body(model="", messages=[{"role": "user", "content": "x"}]),
+            "missing_model",
+            "model",
+        ),
         (Endpoint.CHAT, body(model=7, messages=[{"role": "user", "content": "x"}]), "missing_model", "model"),
         (Endpoint.CHAT, body(model="m"), "invalid_value", "messages"),
         (Endpoint.CHAT, body(model="m", messages=[]), "invalid_value", "messages"),
