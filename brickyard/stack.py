@@ -142,7 +142,7 @@ class Stack:
 
     def start_redis(self, port: int | None = None) -> int:
         port = port or free_port()
-        self._spawn(
+        self.spawn(
             "redis",
             [
                 redis_server_binary(),
@@ -157,13 +157,13 @@ class Stack:
                 "--dir",
                 str(self.workdir),
             ],
-            ready=lambda: _tcp_answers(port, b"PING\r\n", b"+PONG"),
+            ready=lambda: tcp_answers(port, b"PING\r\n", b"+PONG"),
         )
         return port
 
     def start_engine(self, name: str, model: str, port: int | None = None, *extra: str) -> Engine:
         engine = Engine(name, port or free_port())
-        self._spawn(
+        self.spawn(
             name,
             [*_brickyard(), "emulator", "--port", str(engine.port), "--model", model, "--name", name, *extra],
             ready=lambda: _http_ok(engine.port, "/health"),
@@ -182,7 +182,7 @@ class Stack:
         self, contract: str, endpoints: Path, *extra: str, name: str = "gateway", log_level: str = "info"
     ) -> GatewayPorts:
         ports = GatewayPorts(free_port(), free_port(), free_port())
-        self._spawn(
+        self.spawn(
             name,
             [
                 *_brickyard(),
@@ -203,7 +203,7 @@ class Stack:
                 log_level,
                 *extra,
             ],
-            ready=lambda: _http_ok(ports.metrics, "/healthz") and _tcp_answers(ports.grpc),
+            ready=lambda: _http_ok(ports.metrics, "/healthz") and tcp_answers(ports.grpc),
         )
         return ports
 
@@ -217,19 +217,20 @@ class Stack:
         name: str = "envoy",
         config: dict[str, Any] | None = None,
     ) -> tuple[int, int]:
-        """Start Envoy for ``contract``; returns (listener port, admin port)."""
-        listen_port = listen_port or free_port()
-        admin_port = free_port()
-        config = config or render_envoy_config(
-            contract,
-            listen_port=listen_port,
-            admin_port=admin_port,
-            gateway_port=gateway_port,
-            engines=[e.address for e in engines],
-        )
+        """Start Envoy for ``contract`` (or with a ready-made ``config``); returns (listener, admin) ports."""
+        if config is None:
+            config = render_envoy_config(
+                contract,
+                listen_port=listen_port or free_port(),
+                admin_port=free_port(),
+                gateway_port=gateway_port,
+                engines=[e.address for e in engines],
+            )
+        listen_port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self._spawn(
+        self.spawn(
             name,
             [
                 envoy_binary(),
@@ -249,7 +250,7 @@ class Stack:
 
     # -- supervision ---------------------------------------------------------------------
 
-    def _spawn(
+    def spawn(
         self, name: str, argv: list[str], *, ready: Callable[[], bool], timeout: float = 60.0
     ) -> Child:
         log_path = self.workdir / f"{name}.log"
@@ -298,7 +299,7 @@ def _brickyard() -> list[str]:
     return [sys.executable, "-m", "brickyard"]
 
 
-def _tcp_answers(port: int, send: bytes = b"", expect: bytes = b"") -> bool:
+def tcp_answers(port: int, send: bytes = b"", expect: bytes = b"") -> bool:
     try:
         with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
             if send:

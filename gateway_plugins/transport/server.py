@@ -24,8 +24,6 @@ from enum import IntEnum
 from typing import Protocol
 from urllib.parse import quote
 
-import hpack
-
 from gateway_plugins.transport.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
@@ -46,6 +44,7 @@ from gateway_plugins.transport.frames import (
     settings_frame,
     window_update,
 )
+from gateway_plugins.transport.hpack import HpackDecoder, HpackError
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +229,7 @@ class GrpcConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._preface_seen = False
-        self._decoder = hpack.Decoder()
+        self._decoder = HpackDecoder()
         self._streams: dict[int, GrpcStream] = {}
         self._last_stream_id = 0
         self._continuation: tuple[int, int, bytearray] | None = None
@@ -406,8 +405,8 @@ class GrpcConnection(asyncio.Protocol):
 
     def _on_header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         try:
-            headers = self._decoder.decode(block, raw=True)
-        except hpack.HPACKError as exc:
+            headers = self._decoder.decode(block)
+        except HpackError as exc:
             raise ProtocolError(f"HPACK: {exc}", ErrorCode.COMPRESSION_ERROR) from exc
         end_stream = bool(flags & Flag.END_STREAM)
         stream = self._streams.get(stream_id)

@@ -13,7 +13,11 @@ from brickyard.stack import ENVOY_CONFIGS, envoy_binary, render_envoy_config
 
 def validate(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+        [envoy_binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
 
 

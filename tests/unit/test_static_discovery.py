@@ -31,7 +31,8 @@ def test_load_endpoints(tmp_path: Path) -> None:
         ("pods:\n- {name: a, address: '1.1.1.1:x', model: m}\n", "address must be ip:port"),
         ("pods:\n- {name: a, model: m}\n", "pods\\[0\\].address: required setting missing"),
         (
-            "pods:\n- {name: a, address: '1.1.1.1:1', model: m}\n- {name: a, address: '1.1.1.2:1', model: m}\n",
+            "pods:\n- {name: a, address: '1.1.1.1:1', model: m}\n"
+            "- {name: a, address: '1.1.1.2:1', model: m}\n",
             "unique",
         ),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ BOOM = "/test.Echo/Boom"
 class Echo:
     """Sends every message back; records how streams end."""
 
-    closed: list[int] = []
+    closed: ClassVar[list[int]] = []
 
     def __init__(self, stream: GrpcStream) -> None:
         self.stream = stream
