@@ -250,9 +250,7 @@ class Stack:
 
     # -- supervision ---------------------------------------------------------------------
 
-    def spawn(
-        self, name: str, argv: list[str], *, ready: Callable[[], bool], timeout: float = 60.0
-    ) -> Child:
+    def spawn(self, name: str, argv: list[str], *, ready: Callable[[], bool], timeout: float = 60.0) -> Child:
         log_path = self.workdir / f"{name}.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(

@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 from gateway_plugins.transport.hpack import HpackDecoder, HpackError
 
-names = st.sampled_from([b":path", b":method", b"content-type", b"x-request-id", b"te", b"user-agent"]) | st.binary(
-    min_size=1, max_size=20
-).map(lambda b: b.lower())
+common = st.sampled_from([b":path", b":method", b"content-type", b"x-request-id", b"te", b"user-agent"])
+names = common | st.binary(min_size=1, max_size=20).map(lambda b: b.lower())
 values = st.binary(max_size=200)
 blocks = st.lists(st.lists(st.tuples(names, values, st.booleans()), max_size=12), min_size=1, max_size=20)
 
@@ -23,9 +22,7 @@ def test_decodes_what_the_reference_encoder_writes(blocks: list, table_size: int
     encoder.header_table_size = table_size  # emits a size update in the first block
     decoder = HpackDecoder()
     for block in blocks:
-        headers = [
-            hpack.NeverIndexedHeaderTuple(n, v) if sensitive else (n, v) for n, v, sensitive in block
-        ]
+        headers = [hpack.NeverIndexedHeaderTuple(n, v) if sensitive else (n, v) for n, v, sensitive in block]
         encoded = encoder.encode(headers, huffman=huffman)
         assert decoder.decode(encoded) == [(n, v) for n, v, _ in block]
 
@@ -37,7 +34,9 @@ def test_envoy_ext_proc_block_is_decoded_and_repeats_cheaply() -> None:
         "3f5f8640027465864d833505b11f5f8b1d75d0620d263d4c4d6564408cf2b16aee7f4b1aa496ca8747834d9697408bf2b4a7b3c0ec"
         "90b22d29ec870be25c0b89717f"
     )
-    later = bytes.fromhex("8304a560b5773fa5d05b3b98855cbe5315761c8bf7657c1e525b2a1d1aec390a841ec635d8721508c286c1c0bfbe")
+    later = bytes.fromhex(
+        "8304a560b5773fa5d05b3b98855cbe5315761c8bf7657c1e525b2a1d1aec390a841ec635d8721508c286c1c0bfbe"
+    )
     decoder = HpackDecoder()
     expected = [
         (b":method", b"POST"),
