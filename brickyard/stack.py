@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -179,8 +180,15 @@ class Stack:
         return path
 
     def start_gateway(
-        self, contract: str, endpoints: Path, *extra: str, name: str = "gateway", log_level: str = "info"
+        self,
+        contract: str,
+        endpoints: Path | None,
+        *extra: str,
+        name: str = "gateway",
+        log_level: str = "info",
+        env: dict[str, str] | None = None,
     ) -> GatewayPorts:
+        """Start a gateway; with ``endpoints=None`` pass the discovery flags in ``extra``."""
         ports = GatewayPorts(free_port(), free_port(), free_port())
         self.spawn(
             name,
@@ -197,13 +205,13 @@ class Stack:
                 str(ports.health),
                 "--metrics-port",
                 str(ports.metrics),
-                "--endpoints",
-                str(endpoints),
+                *(["--endpoints", str(endpoints)] if endpoints else []),
                 "--log-level",
                 log_level,
                 *extra,
             ],
             ready=lambda: _http_ok(ports.metrics, "/healthz") and tcp_answers(ports.grpc),
+            env=env,
         )
         return ports
 
@@ -250,11 +258,25 @@ class Stack:
 
     # -- supervision ---------------------------------------------------------------------
 
-    def spawn(self, name: str, argv: list[str], *, ready: Callable[[], bool], timeout: float = 60.0) -> Child:
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        ready: Callable[[], bool],
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> Child:
+        """Start a supervised child and wait for ``ready()``; its output goes to ``<workdir>/<name>.log``."""
         log_path = self.workdir / f"{name}.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )
         child = Child(name, process, log_path)
         self.children.append(child)

@@ -66,6 +66,8 @@ class Gateway:
                 watch_timeout_seconds=discovery.watch_timeout_seconds,
             )
             self._tasks.append(asyncio.create_task(kube.run(), name="kubernetes-discovery"))
+            # Not serving before the first list: routing on an empty view would 404 every model.
+            await kube.synced.wait()
         self.grpc_port = await self.grpc.start(s.listen_host, s.grpc_port)
         self.health_port = await self.health.start(s.listen_host, s.health_port)
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)

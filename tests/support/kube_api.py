@@ -22,7 +22,9 @@ Deliberate simplifications (see the section comments for the details):
   * server-side apply (``application/apply-patch+yaml``) and ``dryRun`` are not supported;
   * strategic merge patch knows the merge keys of the common list fields only;
   * validation covers what the client needs to deserialize responses, not the full schemas;
-  * deleting a namespace deletes its contents at once instead of going through Terminating.
+  * deleting a namespace deletes its contents at once instead of going through Terminating;
+  * DELETE ignores gracePeriodSeconds and propagationPolicy: pods go at once (no kubelet) and
+    ownerReferences are not followed (no garbage collector).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import bisect
 import contextlib
 import copy
 import json
+import logging
 import random
 import re
 import string
@@ -60,6 +63,7 @@ __all__ = [
 ]
 
 Obj = dict[str, Any]
+_log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -216,93 +220,36 @@ _EVENT_FIELDS = {
     "type": "type",
 }
 
-NAMESPACES = ResourceType(
-    "",
-    ("v1",),
-    "v1",
-    "namespaces",
-    "Namespace",
-    namespaced=False,
-    singular="namespace",
-    short_names=("ns",),
-    status_subresource=True,
+
+def _builtin(group_version: str, plural: str, kind: str, **options: Any) -> ResourceType:
+    group, _, version = group_version.rpartition("/")
+    return ResourceType(group, (version,), version, plural, kind, singular=kind.lower(), **options)
+
+
+NAMESPACES = _builtin(
+    "v1", "namespaces", "Namespace", namespaced=False, short_names=("ns",), status_subresource=True,
     field_labels={"status.phase": "status.phase"},
-)
-CRDS = ResourceType(
-    "apiextensions.k8s.io",
-    ("v1",),
-    "v1",
-    "customresourcedefinitions",
-    "CustomResourceDefinition",
-    namespaced=False,
-    singular="customresourcedefinition",
-    short_names=("crd", "crds"),
-    status_subresource=True,
-    allow_unconditional_update=False,
-)
+)  # fmt: skip
+CRDS = _builtin(
+    "apiextensions.k8s.io/v1", "customresourcedefinitions", "CustomResourceDefinition", namespaced=False,
+    short_names=("crd", "crds"), status_subresource=True, allow_unconditional_update=False,
+)  # fmt: skip
 BUILTIN_TYPES: tuple[ResourceType, ...] = (
     NAMESPACES,
-    ResourceType(
-        "",
-        ("v1",),
-        "v1",
-        "pods",
-        "Pod",
-        singular="pod",
-        short_names=("po",),
-        status_subresource=True,
-        returns_deleted_object=True,
-        field_labels=_POD_FIELDS,
-    ),
-    ResourceType(
-        "",
-        ("v1",),
-        "v1",
-        "services",
-        "Service",
-        singular="service",
-        short_names=("svc",),
-        status_subresource=True,
-        returns_deleted_object=True,
-    ),
-    ResourceType(
-        "",
-        ("v1",),
-        "v1",
-        "events",
-        "Event",
-        singular="event",
-        short_names=("ev",),
-        field_labels=_EVENT_FIELDS,
-    ),
-    ResourceType("", ("v1",), "v1", "configmaps", "ConfigMap", singular="configmap", short_names=("cm",)),
-    ResourceType("", ("v1",), "v1", "secrets", "Secret", singular="secret", field_labels={"type": "type"}),
-    ResourceType(
-        "apps",
-        ("v1",),
-        "v1",
-        "deployments",
-        "Deployment",
-        singular="deployment",
-        short_names=("deploy",),
-        status_subresource=True,
-        scale=ScaleSpec(label_selector_path=".spec.selector"),
-    ),
-    ResourceType(
-        "autoscaling",
-        ("v2",),
-        "v2",
-        "horizontalpodautoscalers",
-        "HorizontalPodAutoscaler",
-        singular="horizontalpodautoscaler",
-        short_names=("hpa",),
-        status_subresource=True,
-    ),
-    ResourceType(
-        "discovery.k8s.io", ("v1",), "v1", "endpointslices", "EndpointSlice", singular="endpointslice"
-    ),
+    _builtin("v1", "pods", "Pod", short_names=("po",), status_subresource=True, returns_deleted_object=True,
+             field_labels=_POD_FIELDS),
+    _builtin("v1", "services", "Service", short_names=("svc",), status_subresource=True,
+             returns_deleted_object=True),
+    _builtin("v1", "events", "Event", short_names=("ev",), field_labels=_EVENT_FIELDS),
+    _builtin("v1", "configmaps", "ConfigMap", short_names=("cm",)),
+    _builtin("v1", "secrets", "Secret", field_labels={"type": "type"}),
+    _builtin("apps/v1", "deployments", "Deployment", short_names=("deploy",), status_subresource=True,
+             scale=ScaleSpec(label_selector_path=".spec.selector")),
+    _builtin("autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short_names=("hpa",),
+             status_subresource=True),
+    _builtin("discovery.k8s.io/v1", "endpointslices", "EndpointSlice"),
     CRDS,
-)
+)  # fmt: skip
 
 
 def resource_type_from_crd(crd: Obj) -> ResourceType:
@@ -901,7 +848,7 @@ class Store:
         for rt in BUILTIN_TYPES:
             self._add_type(rt)
         for name in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            self.create(NAMESPACES, None, {"metadata": {"name": name}})
+            self.create(NAMESPACES, None, {"metadata": {"name": name}}, privileged=True)
 
     # ---- type registry ----
 
@@ -1108,7 +1055,7 @@ class Store:
             changed = changed or old["metadata"].get("annotations") != new["metadata"].get("annotations")
         return changed
 
-    def create(self, rt: ResourceType, namespace: str | None, body: Any, *, privileged: bool = True) -> Obj:
+    def create(self, rt: ResourceType, namespace: str | None, body: Any, *, privileged: bool = False) -> Obj:
         """POST semantics. ``namespace`` comes from the URL (None: the object's own)."""
         obj = _as_dict(body)
         self._check_type_meta(rt, obj)
@@ -1165,7 +1112,7 @@ class Store:
         body: Any,
         *,
         subresource: str | None = None,
-        privileged: bool = True,
+        privileged: bool = False,
         patching: bool = False,
     ) -> Obj:
         """PUT semantics on the resource or its ``status`` subresource."""
@@ -1263,7 +1210,7 @@ class Store:
         patch: Any,
         *,
         subresource: str | None = None,
-        privileged: bool = True,
+        privileged: bool = False,
     ) -> Obj:
         """PATCH semantics: patch the stored object, then apply the result like an update (a
         resourceVersion put into the patch is therefore a precondition, as on the real server)."""
@@ -1484,6 +1431,16 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(body).encode(), status=status, content_type="application/json")
 
 
+def _int_param(query: Mapping[str, str], name: str) -> int | None:
+    value = query.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _bad_request(f"invalid {name} {value!r}: must be an integer") from None
+
+
 def _truthy(value: str | None) -> bool:
     return value is not None and value.lower() in ("true", "1")
 
@@ -1533,6 +1490,9 @@ class _HttpApi:
             return await self._route(request, body)
         except KubeApiError as err:
             return _json(err.status(), err.code)
+        except Exception as err:  # a bug in the stand-in: make it loud, but keep the Status shape
+            _log.exception("kube-api stand-in failed on %s %s", request.method, request.path_qs)
+            return _json(KubeApiError(500, "InternalError", f"stand-in error: {err!r}").status(), 500)
 
     # ---- routing ----
 
@@ -1658,7 +1618,7 @@ class _HttpApi:
                 )
             items = [i for i in items if _obj_key(i) > start]
             meta["resourceVersion"] = str(token_rv)
-        limit = int(query.get("limit") or 0)
+        limit = _int_param(query, "limit") or 0
         if 0 < limit < len(items):
             remaining = len(items) - limit
             items = items[:limit]
@@ -1734,7 +1694,7 @@ class _HttpApi:
         elif send_initial is not None and since is None:  # sendInitialEvents=false: start now
             since = self.store.resource_version
         bookmarks = _truthy(query.get("allowWatchBookmarks"))
-        timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else None
+        timeout = _int_param(query, "timeoutSeconds")
 
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
@@ -2098,12 +2058,16 @@ class KubeApiServer:
 
     def register_crd(self, manifest: Obj) -> Obj:
         """Create a CustomResourceDefinition (apiextensions.k8s.io/v1 manifest dict); its resource
-        is served at once. Same as creating the CRD through the API."""
+        is served at once. Same as creating the CRD through the API; ``metadata.name`` defaults to
+        ``<plural>.<group>``."""
         data = {
             "apiVersion": "apiextensions.k8s.io/v1",
             "kind": "CustomResourceDefinition",
             **_as_dict(manifest),
         }
+        spec = data.get("spec") or {}
+        meta = data["metadata"] = dict(data.get("metadata") or {})
+        meta.setdefault("name", f"{(spec.get('names') or {}).get('plural')}.{spec.get('group')}")
         return copy.deepcopy(self.store.create(CRDS, None, data, privileged=True))
 
     def compact(self) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import aiohttp
@@ -104,25 +105,28 @@ def later(action: Callable[[], Any], delay: float = 0.05) -> threading.Thread:
     return thread
 
 
-def collect(stream: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """The first ``count`` events (or fewer if the stream's timeout ends it first)."""
+def collect(stream: Generator[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` events (or fewer if the stream's timeout ends it first). Closes the
+    stream, which hands its connection back (left to the GC, the socket leaks)."""
     events = []
-    for event in stream:
-        events.append(event)
-        if len(events) == count:
-            break
+    with contextlib.closing(stream):
+        for event in stream:
+            events.append(event)
+            if len(events) == count:
+                break
     return events
 
 
-def until_named(stream: Iterator[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def until_named(stream: Generator[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     """Events up to and including the first one about ``name`` (a marker written last), so a
     test sees exactly what came before it without waiting for the stream's timeout."""
     events = []
-    for event in stream:
-        events.append(event)
-        obj = event["object"]
-        if (obj["metadata"] if isinstance(obj, dict) else obj.metadata.to_dict())["name"] == name:
-            break
+    with contextlib.closing(stream):
+        for event in stream:
+            events.append(event)
+            obj = event["object"]
+            if (obj["metadata"] if isinstance(obj, dict) else obj.metadata.to_dict())["name"] == name:
+                break
     return events
 
 
@@ -796,7 +800,9 @@ def test_register_crd_cluster_scoped_with_scale(
 def test_custom_resource_without_status_subresource_bumps_generation_on_status(
     server: KubeApiServer, custom: client.CustomObjectsApi
 ) -> None:
-    server.register_crd(crd_manifest(plural="routes", kind="Route"))
+    manifest = crd_manifest(plural="routes", kind="Route")
+    del manifest["metadata"]  # register_crd names it <plural>.<group>
+    assert server.register_crd(manifest)["metadata"]["name"] == "routes.brickyard.dev"
     args = ("brickyard.dev", "v1alpha1", "default", "routes")
     custom.create_namespaced_custom_object(*args, {"metadata": {"name": "r"}, "spec": {}, "status": {"a": 1}})
     changed = custom.patch_namespaced_custom_object(*args, "r", {"status": {"a": 2}})
