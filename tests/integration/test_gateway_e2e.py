@@ -181,7 +181,10 @@ def test_client_disconnect_mid_stream_releases_the_inflight_count(deployment: De
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    assert b"data: " in sock.recv(65536)  # the stream is flowing
+    sock.settimeout(10)
+    received = b""
+    while b"data: " not in received:  # the stream is flowing
+        received += sock.recv(65536)
     busy = deployment.wait_inflight(lambda c: sum(c.values()) == 1)
     assert sum(busy.values()) == 1
     sock.close()  # the client goes away 10 s before the stream would end
