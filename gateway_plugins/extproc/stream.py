@@ -76,7 +76,7 @@ class ExtProcStream:
         self._request_id = ""
         self._model = ""
         self._finished = False  # an immediate response ended the HTTP request
-        self._status = 0
+        self._status: int | None = None  # unknown unless Envoy sends us the response headers
         self._started = time.monotonic() if service.log_requests else 0.0
 
     # -- StreamHandler ---------------------------------------------------------------
@@ -237,7 +237,7 @@ class ExtProcStream:
     def _on_response_headers(self, request: ProcessingRequest) -> None:
         for header in request.response_headers.headers.headers:
             if header.key == ":status":
-                self._status = int(header.raw_value or 0)
+                self._status = int(header.raw_value or 0) or None
                 break
         self._grpc.send(self._service.response_headers_reply(self._decision, self._request_id))
 

@@ -10,9 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from brickyard.stack import Engine, Stack, free_port
 from tests.conftest import MODEL
@@ -35,9 +37,13 @@ def test_sigterm_drains_open_streams_then_exits(
     )
     first = next(stream)
     assert first.choices[0].delta.role == "assistant"
+    assert _health(gateway.health, "readiness") == _health(gateway.health, "liveness") == "SERVING"
+    assert _health(gateway.health, "envoy.service.ext_proc.v3.ExternalProcessor") == "SERVING"
     child.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     assert child.process.poll() is None  # still draining: the stream holds it
+    assert _health(gateway.health, "readiness") == "NOT_SERVING"  # load balancers stop sending new streams
+    assert _health(gateway.health, "liveness") == "SERVING"
     rest = list(stream)
     assert len(rest) == 401  # every token and the finish chunk arrived
     assert child.process.wait(10) == 0
@@ -48,6 +54,12 @@ def test_sigterm_drains_open_streams_then_exits(
     assert after.status_code >= 500  # Envoy, with no gateway left, answers in OpenAI's shape
     assert after.json()["error"]["type"] == "api_error"
     stack.stop_child(next(c for c in stack.children if c.name == "envoy-drain"))
+
+
+def _health(port: int, service: str) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def _drain_config(workdir: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -318,3 +319,16 @@ async def test_epp_contract_strips_control_headers(epp: Harness) -> None:
     }
     first, _ = await exchange(epp, [headers(config=DUPLEX, **extra), body(CHAT)], 2)
     assert set(first.request_headers.response.header_mutation.remove_headers) == set(extra)
+
+
+async def test_debug_logging_writes_one_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway_plugins.requests")
+    async for harness in _harness("aibrix"):
+        await exchange(harness, [headers(), body(CHAT)], 2)
+        await exchange(harness, [headers("/v1/nope")], 1)
+        await harness.server.drain(1)
+    lines = [r for r in caplog.records if r.name == "gateway_plugins.requests"]
+    assert [(r.request_id, r.status, r.model) for r in lines] == [("req-1", None, MODEL), ("req-1", 404, "")]
+    assert lines[0].pod.startswith("pod-")
+    assert lines[0].strategy == "least-request"
+    assert lines[1].pod is None
