@@ -58,7 +58,8 @@ def test_sigterm_drains_open_streams_then_exits(
 
 def _health(port: int, service: str) -> str:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
