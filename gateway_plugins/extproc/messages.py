@@ -46,27 +46,15 @@ def _struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return value
 
 
-def request_headers_reply(
-    mutation: pb.HeaderMutation | None = None, metadata: Mapping[str, Any] | None = None
+def reply(
+    kind: str, mutation: pb.HeaderMutation | None = None, metadata: Mapping[str, Any] | None = None
 ) -> bytes:
+    """A CONTINUE reply to a ``kind`` message (``request_headers``, ``request_body``, ``response_headers``,
+    ``response_body``) with an optional header mutation and dynamic metadata."""
+    wrapper = pb.HeadersResponse if kind.endswith("headers") else pb.BodyResponse
     common = pb.CommonResponse(header_mutation=mutation)
     return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(response=common), dynamic_metadata=_struct(metadata)
-    ).SerializeToString()
-
-
-def request_body_reply(
-    mutation: pb.HeaderMutation | None = None, metadata: Mapping[str, Any] | None = None
-) -> bytes:
-    common = pb.CommonResponse(header_mutation=mutation)
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=common), dynamic_metadata=_struct(metadata)
-    ).SerializeToString()
-
-
-def response_headers_reply(mutation: pb.HeaderMutation | None = None) -> bytes:
-    return pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+        **{kind: wrapper(response=common)}, dynamic_metadata=_struct(metadata)
     ).SerializeToString()
 
 
@@ -102,10 +90,9 @@ def error_reply(error: GatewayError) -> bytes:
 
 
 #: Replies that do not depend on the request.
-CONTINUE_REQUEST_HEADERS = request_headers_reply()
-CONTINUE_REQUEST_BODY = request_body_reply()
-CONTINUE_RESPONSE_HEADERS = response_headers_reply()
-CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse()).SerializeToString()
+CONTINUE_REQUEST_HEADERS = reply("request_headers")
+CONTINUE_REQUEST_BODY = reply("request_body")
+CONTINUE_RESPONSE_BODY = reply("response_body")
 CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse()).SerializeToString()
 CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(
     response_trailers=pb.TrailersResponse()

@@ -47,19 +47,19 @@ class ExtProcService:
         add, remove = cleanup
         if not add and not remove:
             return messages.CONTINUE_REQUEST_HEADERS
-        return messages.request_headers_reply(messages.header_mutation(add, remove))
+        return messages.reply("request_headers", messages.header_mutation(add, remove))
 
     def routed_body_reply(self, decision: Decision) -> bytes:
         """BUFFERED mode: the destination rides on the body reply; cached per (pod, strategy)."""
         if decision.fallbacks:
             headers, metadata = self.contract.destination(decision)
-            return messages.request_body_reply(messages.header_mutation(headers), metadata)
+            return messages.reply("request_body", messages.header_mutation(headers), metadata)
         encoded = decision.pod.encoded
         reply = encoded.get(decision.strategy)
         if reply is None:
             headers, metadata = self.contract.destination(decision)
-            reply = encoded[decision.strategy] = messages.request_body_reply(
-                messages.header_mutation(headers), metadata
+            reply = encoded[decision.strategy] = messages.reply(
+                "request_body", messages.header_mutation(headers), metadata
             )
         return reply
 
@@ -67,7 +67,9 @@ class ExtProcService:
         """FULL_DUPLEX_STREAMED mode: the destination rides on the (deferred) headers reply."""
         headers, metadata = self.contract.destination(decision)
         add, remove = cleanup
-        return messages.request_headers_reply(messages.header_mutation({**headers, **add}, remove), metadata)
+        return messages.reply(
+            "request_headers", messages.header_mutation({**headers, **add}, remove), metadata
+        )
 
     @staticmethod
     def response_headers_reply(decision: Decision | None, request_id: str) -> bytes:
@@ -77,7 +79,7 @@ class ExtProcService:
             headers["target-pod"] = decision.pod.name
             headers["target-pod-ip"] = decision.pod.address
             headers["routing-strategy"] = decision.strategy
-        return messages.response_headers_reply(messages.header_mutation(headers))
+        return messages.reply("response_headers", messages.header_mutation(headers))
 
     def models_body(self, model_id: str) -> bytes:
         """``GET /v1/models`` (models with a ready pod) or ``GET /v1/models/{id}``."""
