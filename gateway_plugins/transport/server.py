@@ -269,10 +269,10 @@ class GrpcConnection(asyncio.Protocol):
             self._receive(data)
         except ProtocolError as exc:
             log.warning("HTTP/2 protocol error from peer: %s", exc)
-            self._write(goaway(self._last_stream_id, exc.code, str(exc).encode()))
-            self._flush()
-            assert self._transport is not None
-            self._transport.close()
+            self._fail(exc.code, str(exc))
+        except Exception:  # a bug here must cost one connection, not the process
+            log.exception("HTTP/2 connection failed")
+            self._fail(ErrorCode.INTERNAL_ERROR, "internal error")
         finally:
             self._in_receive = False
             self._flush()
@@ -283,6 +283,12 @@ class GrpcConnection(asyncio.Protocol):
         for stream in streams.values():
             self._close_stream(stream)
         self._server._stream_closed()
+
+    def _fail(self, code: ErrorCode, reason: str) -> None:
+        self._write(goaway(self._last_stream_id, code, reason.encode()))
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
 
     # -- draining -------------------------------------------------------------------
 
