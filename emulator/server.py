@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -187,33 +186,33 @@ class EmulatorApp:
             "model": body["model"],
         }
         generation = GenerationRequest(meta["id"], body["model"], ids, max_tokens)
-        seed = zlib.crc32(prompt.encode())
+        _, pieces = tokens.reply(ids, max_tokens)
         if body.get("stream"):
             options = body.get("stream_options") or {}
             return await self._stream(
                 request,
                 generation,
-                seed,
+                pieces,
                 meta,
                 kind,
                 chat=chat,
                 include_usage=bool(options.get("include_usage")),
             )
-        pieces = [tokens.output_piece(seed, i) async for i in self.backend.generate(generation)]
-        text = "".join(pieces)
+        produced = [pieces[i] async for i in self.backend.generate(generation)]
+        text = "".join(produced)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        usage = _usage(len(ids), len(pieces))
+        usage = _usage(len(ids), len(produced))
         return self._json({**meta, "object": kind, "choices": [choice], "usage": usage})
 
     async def _stream(
         self,
         request: web.Request,
         generation: GenerationRequest,
-        seed: int,
+        pieces: list[str],
         meta: dict[str, Any],
         kind: str,
         *,
@@ -241,9 +240,8 @@ class EmulatorApp:
             )
         produced = 0
         async for index in self.backend.generate(generation):
-            piece = tokens.output_piece(seed, index)
             produced += 1
-            delta = {"delta": {"content": piece}} if chat else {"text": piece}
+            delta = {"delta": {"content": pieces[index]}} if chat else {"text": pieces[index]}
             await send([{"index": 0, **delta, "logprobs": None, "finish_reason": None}])
         end = {"delta": {}} if chat else {"text": ""}
         await send([{"index": 0, **end, "logprobs": None, "finish_reason": "length"}])

@@ -1,51 +1,26 @@
-"""A deterministic tokenizer that needs no download.
+"""A deterministic tokenizer that needs no download, and the emulator's deterministic replies.
 
-Text is cut into words, runs of spaces and single punctuation marks (roughly
-what BPE pre-tokenizers do), each piece maps to a stable id. Equal text gives
-equal ids, so prompts that share a prefix share token blocks, which is what
-prefix caching and prefix-aware routing depend on.
+Text is cut into short words, runs of spaces and single punctuation marks
+(roughly what BPE pre-tokenizers do); each piece maps to a stable id. Equal
+text gives equal ids, so prompts that share a prefix share token blocks, which
+is what prefix caching and prefix-aware routing depend on.
+
+``vocabulary()`` lists words that are exactly one token each; workloads build
+prompts from them and engines reply with them, so token ids and text are always
+produced together and ``encode(text)`` agrees with the ids.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import zlib
+from functools import cache
+
+import numpy as np
 
 VOCAB_SIZE = 32_000
 _PIECES = re.compile(r" ?[A-Za-z]{1,6}| ?\d{1,3}| ?[^\sA-Za-z\d]|\s+")
-#: Words the emulator "generates"; output text is a pure function of the request.
-_WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "engines",
-    "batch",
-    "tokens",
-    "and",
-    "caches",
-    "keep",
-    "prefixes",
-    "warm",
-    "so",
-    "that",
-    "routers",
-    "can",
-    "send",
-    "each",
-    "request",
-    "where",
-    "it",
-    "is",
-    "served",
-    "fastest",
-]
 
 
 def encode(text: str) -> list[int]:
@@ -56,6 +31,42 @@ def count(text: str) -> int:
     return len(_PIECES.findall(text))
 
 
-def output_piece(seed: int, index: int) -> str:
-    """The ``index``-th generated token's text for a request with ``seed``."""
-    return " " + _WORDS[(seed + index * 7) % len(_WORDS)]
+class Vocabulary:
+    """Words that are one token each (a leading space and two to six letters), with distinct ids."""
+
+    def __init__(self, size: int = 4096, seed: int = 7) -> None:
+        rng = random.Random(seed)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        by_id: dict[int, str] = {}
+        while len(by_id) < size:
+            word = " " + "".join(rng.choice(letters) for _ in range(rng.randint(2, 6)))
+            by_id.setdefault(encode(word)[0], word)
+        self.words = list(by_id.values())
+        self.ids = list(by_id)
+        self._ids = np.array(self.ids, dtype=np.int64)
+        self._word_of = by_id
+
+    def segment(self, rng: np.random.Generator, length: int) -> list[int]:
+        """``length`` random one-token words, as token ids."""
+        return self._ids[rng.integers(0, len(self.ids), length)].tolist()
+
+    def text(self, ids: list[int]) -> str:
+        """The text of ids drawn from this vocabulary (``encode`` of it gives ``ids`` back)."""
+        return "".join(map(self._word_of.__getitem__, ids))
+
+
+@cache
+def vocabulary() -> Vocabulary:
+    return Vocabulary()
+
+
+def reply(prompt_ids: list[int], length: int) -> tuple[list[int], list[str]]:
+    """What an emulated engine answers to ``prompt_ids``: ``length`` tokens, as ids and text pieces.
+
+    A pure function of the prompt, so a multi-turn workload can put the reply
+    into the next turn's history exactly as the engine produced (and cached) it.
+    """
+    vocab = vocabulary()
+    seed = zlib.crc32(str(prompt_ids[-32:]).encode()) + len(prompt_ids)
+    picks = [(seed + i * 7919) % len(vocab.words) for i in range(length)]
+    return [vocab.ids[i] for i in picks], [vocab.words[i] for i in picks]
