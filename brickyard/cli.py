@@ -52,21 +52,53 @@ def _gateway(args: argparse.Namespace) -> None:
 def _emulator(args: argparse.Namespace) -> None:
     from aiohttp import web
 
-    from emulator.backend import InstantBackend
+    from emulator.backend import Backend, InstantBackend
     from emulator.server import EmulatorApp
 
     logs.setup("emulator", args.log_level)
-    backend = InstantBackend(args.model, ttft=args.ttft_ms / 1000, inter_token=args.itl_ms / 1000)
-    app = EmulatorApp(backend, pod_name=args.name, max_model_len=args.max_model_len).build()
     uvloop.install()
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    backend: Backend
+    if args.profile == "instant":
+        backend = InstantBackend(
+            ttft=args.ttft_ms / 1000, inter_token=args.itl_ms / 1000, max_loras=args.max_loras
+        )
+        max_model_len = args.max_model_len or 8192
+    else:
+        from emulator.engine import EngineCore
+        from emulator.live import LiveEngine
+        from emulator.profile import load_profile
+
+        try:
+            profile = load_profile(args.profile)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"brickyard emulator: {exc}")
+        core = EngineCore(
+            profile,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            max_loras=args.max_loras or None,
+            num_blocks=args.num_blocks,
+        )
+        backend = LiveEngine(core, speed=args.speed)
+        max_model_len = core.max_model_len
+    app = EmulatorApp(
+        backend,
+        model=args.model,
+        pod_name=args.name,
+        max_model_len=max_model_len,
+        enable_lora=args.enable_lora,
+    )
+    web.run_app(app.build(), host=args.host, port=args.port, access_log=None, print=None)
 
 
 def _up(args: argparse.Namespace) -> None:
     from brickyard.stack import run_stack
 
     logs.setup("stack", args.log_level)
-    run_stack(engines=args.engines, port=args.port, contract=args.contract, model=args.model)
+    run_stack(
+        engines=args.engines, port=args.port, contract=args.contract, model=args.model, profile=args.profile
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8888, help="Envoy listener port (default 8888)")
     up.add_argument("--contract", choices=["aibrix", "epp"], default="aibrix")
     up.add_argument("--model", default="llama-3.1-8b-instruct", help="model the engines serve")
+    up.add_argument("--profile", default="llama-3.1-8b_h100", help="engine profile of the emulated engines")
 
     gw = command("gateway", _gateway, "Run the ext_proc gateway.")
     gw.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
@@ -102,11 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     em = command("emulator", _emulator, "Run one emulated vLLM engine.")
     em.add_argument("--host", default="127.0.0.1")
     em.add_argument("--port", type=int, default=8000)
-    em.add_argument("--model", default="llama-3.1-8b-instruct")
+    em.add_argument("--model", default="llama-3.1-8b-instruct", help="model name served")
+    em.add_argument(
+        "--profile",
+        default="llama-3.1-8b_h100",
+        help="engine profile (emulator/profiles/NAME.yaml), or 'instant' for a zero-cost engine",
+    )
+    em.add_argument("--speed", type=float, default=1.0, help="virtual seconds per wall second")
     em.add_argument("--name", default="", help="pod name, echoed in the x-emulator-pod response header")
-    em.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
-    em.add_argument("--itl-ms", type=float, default=0.0, help="time between output tokens")
-    em.add_argument("--max-model-len", type=int, default=8192)
+    em.add_argument("--enable-lora", action="store_true", help="accept runtime LoRA adapter loading")
+    em.add_argument("--max-loras", type=int, default=0, help="adapters per batch (default: the profile's)")
+    em.add_argument("--max-model-len", type=int, default=None)
+    em.add_argument("--max-num-seqs", type=int, default=None)
+    em.add_argument("--max-num-batched-tokens", type=int, default=None)
+    em.add_argument(
+        "--num-blocks", type=int, default=None, help="KV cache blocks (default: from the profile)"
+    )
+    em.add_argument("--ttft-ms", type=float, default=0.0, help="instant profile: time to first token")
+    em.add_argument("--itl-ms", type=float, default=0.0, help="instant profile: time between output tokens")
     return parser
 
 

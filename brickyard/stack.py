@@ -341,7 +341,7 @@ def _http_ok(port: int, path: str) -> bool:
         connection.close()
 
 
-def run_stack(*, engines: int, port: int, contract: str, model: str) -> None:
+def run_stack(*, engines: int, port: int, contract: str, model: str, profile: str) -> None:
     """``brickyard up``: start everything, print the base URL, run until Ctrl-C or SIGTERM."""
     stack = Stack()
     stopping = False
@@ -354,13 +354,16 @@ def run_stack(*, engines: int, port: int, contract: str, model: str) -> None:
     signal.signal(signal.SIGINT, request_stop)
     try:
         redis_port = stack.start_redis()
-        started = [stack.start_engine(f"engine-{i}", model) for i in range(engines)]
+        started = [
+            stack.start_engine(f"engine-{i}", model, None, "--profile", profile, "--enable-lora")
+            for i in range(engines)
+        ]
         endpoints = stack.write_endpoints(started, model)
         gateway = stack.start_gateway(contract, endpoints)
         stack.start_envoy(contract, gateway.grpc, started, port)
         print(
             f"Brickyard is ready: OpenAI base URL http://{LOOPBACK}:{port}/v1 "
-            f"(model {model}, {engines} engines, {contract} contract; redis :{redis_port}, "
+            f"(model {model}, {engines} {profile} engines, {contract} contract; redis :{redis_port}, "
             f"gateway :{gateway.grpc}, logs in {stack.workdir})",
             flush=True,
         )

@@ -1,67 +1,86 @@
 """What the emulator's HTTP layer asks of an engine, and the simplest engine that answers.
 
-``Backend`` is the seam between the OpenAI surface (``emulator.server``) and an
-engine model. ``InstantBackend`` serves every request at once with a fixed
-time to first token and inter-token latency: no queue, no cache. It is the
-trivial engine of the overhead benchmark, where the engine must cost nothing.
+``Backend`` is the seam between the OpenAI surface (``emulator.server``) and
+an engine. ``LiveEngine`` (``emulator.live``) runs the vLLM engine model in real
+time; ``InstantBackend`` serves every request at once with a fixed time to
+first token and inter-token latency: no queue, no cache, no batching. It is
+the engine of the overhead benchmark, where the engine must cost nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+from emulator.engine import EngineMetrics, EngineStats
 
 
 @dataclass(slots=True)
 class GenerationRequest:
     request_id: str
-    model: str
     prompt_tokens: list[int]
     max_tokens: int
-    arrival: float = field(default_factory=time.monotonic)
-
-
-@dataclass(slots=True)
-class EngineCounters:
-    """Cumulative numbers behind the vLLM metrics the emulator exports."""
-
-    running: int = 0
-    waiting: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    requests_finished: int = 0
+    lora: str | None = None  # adapter name, None for the base model
 
 
 class Backend(Protocol):
-    model: str
-    counters: EngineCounters
-
     def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
-        """Yield the index of each output token as the engine produces it."""
+        """Yield the index of each output token as the engine produces it; closing the iterator aborts."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """What ``/metrics`` shows."""
+        ...
+
+    def status(self) -> dict[str, float]:
+        """How the emulator itself is doing (e.g. how far behind real time it runs)."""
         ...
 
 
 class InstantBackend:
-    def __init__(self, model: str, *, ttft: float = 0.0, inter_token: float = 0.0) -> None:
-        self.model = model
+    def __init__(self, *, ttft: float = 0.0, inter_token: float = 0.0, max_loras: int = 0) -> None:
         self.ttft = ttft
         self.inter_token = inter_token
-        self.counters = EngineCounters()
+        self.max_loras = max_loras
+        self.metrics = EngineMetrics()
+        self.running = 0
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[int]:
-        counters = self.counters
-        counters.running += 1
-        counters.prompt_tokens += len(request.prompt_tokens)
+        metrics = self.metrics
+        self.running += 1
+        metrics.prompt_tokens += len(request.prompt_tokens)
         try:
             for index in range(request.max_tokens):
                 delay = self.ttft if index == 0 else self.inter_token
                 if delay:
                     await asyncio.sleep(delay)
-                counters.generation_tokens += 1
+                metrics.generation_tokens += 1
                 yield index
-            counters.requests_finished += 1
+            metrics.requests_finished["length"] = metrics.requests_finished.get("length", 0) + 1
         finally:
-            counters.running -= 1
+            self.running -= 1
+
+    def status(self) -> dict[str, float]:
+        return {}
+
+    def stats(self) -> EngineStats:
+        metrics = self.metrics
+        return EngineStats(
+            num_running=self.running,
+            num_waiting=0,
+            kv_cache_usage=0.0,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            prompt_tokens=metrics.prompt_tokens,
+            generation_tokens=metrics.generation_tokens,
+            num_preemptions=0,
+            requests_finished=dict(metrics.requests_finished),
+            running_lora_adapters=[],
+            waiting_lora_adapters=[],
+            max_loras=self.max_loras,
+            block_size=16,
+            num_blocks=0,
+            histograms=metrics.histograms(),
+        )

@@ -1,20 +1,26 @@
 """The emulator's HTTP surface: vLLM's OpenAI-compatible API over a ``Backend``.
 
-Response bodies, SSE chunk sequences and error shapes follow vLLM's, so that
-what routers and sidecars see from the emulator is what they see in production.
+Response bodies, SSE chunk sequences, error shapes, the LoRA admin endpoints
+and ``/metrics`` follow vLLM's, so what routers and sidecars see from the
+emulator is what they see in production. Also served: ``/tokenize``,
+``/v1/completions/render`` and ``/v1/chat/completions/render`` (token ids),
+and ``/get_load``, which peer routers call; ``/emulator/status`` reports how far
+behind real time the engine loop runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
 
-from emulator import tokens
+from emulator import exposition, tokens
 from emulator.backend import Backend, GenerationRequest
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,39 +37,64 @@ class EngineError(Exception):
         500: "InternalServerError",
     }
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+        self.kind = kind or self.TYPES.get(status, "Error")
 
     def response(self) -> web.Response:
-        body = {
-            "message": str(self),
-            "type": self.TYPES.get(self.status, "Error"),
-            "param": self.param,
-            "code": self.status,
-        }
+        body = {"message": str(self), "type": self.kind, "param": self.param, "code": self.status}
         return web.json_response(
             {"error": body}, status=self.status, dumps=lambda o: orjson.dumps(o).decode()
         )
 
 
+def chat_prompt(messages: list[dict[str, Any]]) -> str:
+    """The emulator's chat template: role tags around each message, then the assistant's turn."""
+    return (
+        "".join(f"<|{m.get('role')}|>\n{_content(m.get('content'))}\n" for m in messages) + "<|assistant|>\n"
+    )
+
+
 class EmulatorApp:
-    def __init__(self, backend: Backend, *, pod_name: str = "", max_model_len: int = 8192) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        model: str,
+        pod_name: str = "",
+        max_model_len: int = 8192,
+        enable_lora: bool = False,
+    ) -> None:
         self.backend = backend
+        self.model = model
         self.pod_name = pod_name
         self.max_model_len = max_model_len
+        self.enable_lora = enable_lora
+        self.adapters: dict[str, str] = {}  # name -> local path, in load order
         self.created = int(time.time())
         self._headers = {"x-emulator-pod": pod_name} if pod_name else {}
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self._errors(self.chat))
-        app.router.add_post("/v1/completions", self._errors(self.completions))
-        app.router.add_post("/v1/embeddings", self._errors(self.embeddings))
+        routes = {
+            "/v1/chat/completions": self.chat,
+            "/v1/completions": self.completions,
+            "/v1/embeddings": self.embeddings,
+            "/v1/load_lora_adapter": self.load_lora_adapter,
+            "/v1/unload_lora_adapter": self.unload_lora_adapter,
+            "/tokenize": self.tokenize,
+            "/v1/completions/render": self.render_completion,
+            "/v1/chat/completions/render": self.render_chat,
+        }
+        for path, handler in routes.items():
+            app.router.add_post(path, self._errors(handler))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/get_load", self.get_load)
+        app.router.add_get("/emulator/status", self.status)
         return app
 
     @staticmethod
@@ -76,29 +107,23 @@ class EmulatorApp:
 
         return wrapped
 
-    # -- endpoints ----------------------------------------------------------------------
+    # -- generation ------------------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise EngineError(400, "messages must be a non-empty list", "messages")
-        text = "".join(
-            f"<|{m.get('role')}|>{_content(m.get('content'))}" for m in messages if isinstance(m, dict)
+        lora = self._model(body)
+        return await self._generate(
+            request, body, tokens.encode(chat_prompt(_messages(body))), lora, chat=True
         )
-        return await self._generate(request, body, text + "<|assistant|>", chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            prompt = "".join(p if isinstance(p, str) else " ".join(map(str, p)) for p in prompt)
-        if not isinstance(prompt, str):
-            raise EngineError(400, "prompt must be a string or a list", "prompt")
-        return await self._generate(request, body, prompt, chat=False)
+        lora = self._model(body)
+        return await self._generate(request, body, _prompt_ids(body), lora, chat=False)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        self._model(body)
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
         if not items or not all(isinstance(i, str) for i in items):
@@ -111,81 +136,26 @@ class EmulatorApp:
         usage = {"prompt_tokens": used, "total_tokens": used, "completion_tokens": 0}
         return self._json({"object": "list", "data": data, "model": body["model"], "usage": usage})
 
-    async def models(self, _: web.Request) -> web.Response:
-        card = {
-            "id": self.backend.model,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "vllm",
-            "root": self.backend.model,
-            "parent": None,
-            "max_model_len": self.max_model_len,
-        }
-        return self._json({"object": "list", "data": [card]})
-
-    async def health(self, _: web.Request) -> web.Response:
-        return web.Response(headers=self._headers)
-
-    async def metrics(self, _: web.Request) -> web.Response:
-        c = self.backend.counters
-        labels = f'{{engine="0",model_name="{self.backend.model}"}}'
-        rows = [
-            (
-                "vllm:num_requests_running",
-                "gauge",
-                "Number of requests in model execution batches.",
-                c.running,
-            ),
-            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", c.waiting),
-            ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", c.prompt_tokens),
-            (
-                "vllm:generation_tokens_total",
-                "counter",
-                "Number of generation tokens processed.",
-                c.generation_tokens,
-            ),
-        ]
-        text = "".join(
-            f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name}{labels} {float(value)}\n"
-            for name, kind, help_, value in rows
-        )
-        return web.Response(text=text, content_type="text/plain")
-
-    # -- generation ------------------------------------------------------------------------
-
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            raise EngineError(400, f"Invalid JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise EngineError(400, "The request body must be a JSON object")
-        if body.get("model") != self.backend.model:
-            raise EngineError(404, f"The model `{body.get('model')}` does not exist.", "model")
-        return body
-
     async def _generate(
-        self, request: web.Request, body: dict[str, Any], prompt: str, *, chat: bool
+        self, request: web.Request, body: dict[str, Any], ids: list[int], lora: str | None, *, chat: bool
     ) -> web.StreamResponse:
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or DEFAULT_MAX_TOKENS
+        max_tokens = next(
+            (body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None),
+            DEFAULT_MAX_TOKENS,
+        )
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise EngineError(400, "max_tokens must be a positive integer", "max_tokens")
-        ids = tokens.encode(prompt)
         if len(ids) + max_tokens > self.max_model_len:
             raise EngineError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                 f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
-                "completion). "
-                "Please reduce the length of the messages or completion.",
+                "completion). Please reduce the length of the messages or completion.",
             )
         kind = "chat.completion" if chat else "text_completion"
-        meta = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": body["model"],
-        }
-        generation = GenerationRequest(meta["id"], body["model"], ids, max_tokens)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        meta = {"id": rid, "created": int(time.time()), "model": body["model"]}
+        generation = GenerationRequest(rid, ids, max_tokens, lora)
         _, pieces = tokens.reply(ids, max_tokens)
         if body.get("stream"):
             options = body.get("stream_options") or {}
@@ -251,10 +221,148 @@ class EmulatorApp:
         await response.write_eof()
         return response
 
-    def _json(self, payload: dict[str, Any]) -> web.Response:
+    # -- models and LoRA adapters ------------------------------------------------------------
+
+    def _model(self, body: dict[str, Any]) -> str | None:
+        """The adapter a request names (None for the base model); 404 for anything else."""
+        model = body.get("model")
+        if model == self.model:
+            return None
+        if model in self.adapters:
+            return model
+        raise EngineError(404, f"The model `{model}` does not exist.", "model")
+
+    async def models(self, _: web.Request) -> web.Response:
+        cards = [
+            {
+                "id": self.model,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "vllm",
+                "root": self.model,
+                "parent": None,
+                "max_model_len": self.max_model_len,
+            }
+        ]
+        cards += [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "vllm",
+                "root": path,
+                "parent": self.model,
+                "max_model_len": None,
+            }
+            for name, path in self.adapters.items()
+        ]
+        return self._json({"object": "list", "data": cards})
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await self._body(request, check_model=False)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not self.enable_lora:
+            raise EngineError(400, "LoRA is not enabled: start the engine with --enable-lora.")
+        if not name or not path:
+            raise EngineError(
+                400, "Both 'lora_name' and 'lora_path' must be provided.", kind="InvalidUserInput"
+            )
+        if name in self.adapters:
+            raise EngineError(
+                400, f"The lora adapter '{name}' has already been loaded.", kind="InvalidUserInput"
+            )
+        if not await asyncio.to_thread(Path(path, "adapter_config.json").is_file):
+            raise EngineError(404, f"Loading lora {name} failed: No adapter found for {path}")
+        self.adapters[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        body = await self._body(request, check_model=False)
+        name = body.get("lora_name")
+        if not name:
+            raise EngineError(
+                400, "either 'lora_name' and 'lora_int_id' needs to be provided.", kind="InvalidUserInput"
+            )
+        if self.adapters.pop(name, None) is None:
+            raise EngineError(404, f"The lora adapter '{name}' cannot be found.")
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request, check_model=False)
+        ids = tokens.encode(chat_prompt(_messages(body))) if "messages" in body else _prompt_ids(body)
+        return self._json({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
+
+    async def render_completion(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return self._json([self._rendered(body, _prompt_ids(body), "cmpl")])
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return self._json(self._rendered(body, tokens.encode(chat_prompt(_messages(body))), "chatcmpl"))
+
+    def _rendered(self, body: dict[str, Any], ids: list[int], prefix: str) -> dict[str, Any]:
+        self._model(body)
+        params = {"max_tokens": body.get("max_tokens") or DEFAULT_MAX_TOKENS}
+        return {
+            "request_id": f"{prefix}-{uuid.uuid4().hex}",
+            "model": body["model"],
+            "token_ids": ids,
+            "sampling_params": params,
+        }
+
+    # -- health, load, metrics ------------------------------------------------------------------
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response(headers=self._headers)
+
+    async def get_load(self, _: web.Request) -> web.Response:
+        stats = self.backend.stats()
+        return self._json({"load": stats.num_running + stats.num_waiting})
+
+    async def status(self, _: web.Request) -> web.Response:
+        return self._json({"model": self.model, "pod": self.pod_name, **self.backend.status()})
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        text = exposition.render(self.backend.stats(), self.model, lora_enabled=self.enable_lora)
+        return web.Response(text=text, content_type="text/plain")
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    async def _body(self, request: web.Request, *, check_model: bool = True) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise EngineError(400, f"Invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise EngineError(400, "The request body must be a JSON object")
+        if check_model:
+            self._model(body)
+        return body
+
+    def _json(self, payload: Any) -> web.Response:
         return web.Response(
             body=orjson.dumps(payload), content_type="application/json", headers=self._headers
         )
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise EngineError(400, "messages must be a non-empty list of objects", "messages")
+    return messages
+
+
+def _prompt_ids(body: dict[str, Any]) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return tokens.encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)  # token ids
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return tokens.encode("".join(prompt))
+    raise EngineError(400, "prompt must be a string, a list of strings or a list of token ids", "prompt")
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -268,5 +376,5 @@ def _content(content: Any) -> str:
 
 
 def _embedding(ids: list[int], dims: int = 16) -> list[float]:
-    """A deterministic unit-free vector: equal inputs give equal embeddings."""
+    """A deterministic vector: equal inputs give equal embeddings."""
     return [((sum(ids) * (i + 1) * 2654435761) % 1000) / 1000.0 for i in range(dims)]

@@ -99,7 +99,9 @@ def round_robin_envoy(listen_port: int, admin_port: int, engines: list[Engine]) 
 class Bench:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.engines = [stack.start_engine(f"engine-{i}", MODEL) for i in range(3)]
+        self.engines = [
+            stack.start_engine(f"engine-{i}", MODEL, None, "--profile", "instant") for i in range(3)
+        ]
         endpoints = stack.write_endpoints(self.engines, MODEL)
         self.urls: dict[str, list[str]] = {"direct": [f"{e.url}/v1/chat/completions" for e in self.engines]}
         self.pids: dict[str, list[int]] = {"direct": []}
@@ -265,7 +267,8 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
         "# Overhead benchmark",
         "",
         f"Command: `{results['command']}` ({results['date']}, {results['machine']}; medians of the rounds).",
-        "Engines: 3 emulated engines (`--ttft-ms 0 --itl-ms 0`), 1 KB chat body, 8 output tokens.",
+        "Engines: 3 emulated engines (`--profile instant`: no queueing, no step time), 1 KB chat body, "
+        "8 output tokens.",
         "Envoy runs one worker (`--concurrency 1`). Latency is from the scheduled send time (open loop).",
         "",
         "| path | "
