@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 import aiohttp
 import orjson
 
-from emulator.results import RequestResult
+from emulator.results import RequestOutcome
 from emulator.workloads import WorkloadRequest
 
 
@@ -25,9 +25,9 @@ async def replay(
     *,
     headers: Mapping[str, str] | None = None,
     concurrency_limit: int = 4096,
-) -> tuple[list[RequestResult], float]:
+) -> tuple[list[RequestOutcome], float]:
     """Send every request at its arrival time; returns the results and the wall time of the run."""
-    results: list[RequestResult] = []
+    results: list[RequestOutcome] = []
     connector = aiohttp.TCPConnector(limit=concurrency_limit, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -53,7 +53,7 @@ async def _one(
     *,
     start: float,
     headers: Mapping[str, str],
-    results: list[RequestResult],
+    results: list[RequestOutcome],
 ) -> None:
     scheduled = start + request.arrival
     body = {
@@ -92,8 +92,8 @@ async def _one(
                     prompt_tokens = event["usage"]["prompt_tokens"]
                     tokens = event["usage"]["completion_tokens"]
     except (TimeoutError, aiohttp.ClientError, RuntimeError):
-        results.append(RequestResult(request.arrival, 0.0, 0.0, 0, 0, pod, ok=False))
+        results.append(RequestOutcome(request.arrival, 0.0, 0.0, 0, 0, pod, ok=False))
         return
     results.append(
-        RequestResult(request.arrival, first - scheduled, last - scheduled, tokens, prompt_tokens, pod)
+        RequestOutcome(request.arrival, first - scheduled, last - scheduled, tokens, prompt_tokens, pod)
     )

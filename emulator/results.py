@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 
 @dataclass(slots=True)
-class RequestResult:
+class RequestOutcome:
     arrival: float  # seconds from the start of the run
     ttft: float  # arrival -> first output token, seconds
     e2e: float  # arrival -> last output token, seconds
@@ -33,7 +33,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def summarize(
-    results: Sequence[RequestResult], *, duration: float, prefix_hits: int = 0, prefix_queries: int = 0
+    results: Sequence[RequestOutcome], *, duration: float, prefix_hits: int = 0, prefix_queries: int = 0
 ) -> dict[str, float]:
     """TTFT/TPOT percentiles (ms), throughput and prefix-cache hit rate of a run.
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from brickyard.podmetrics import PodMetrics
+
 
 class Endpoint(StrEnum):
     """OpenAI API paths the gateway understands."""
@@ -73,7 +75,7 @@ class RoutingRequest:
 
 @dataclass(slots=True, eq=False)
 class PodState:
-    """One routable engine pod: identity from discovery, live counters from the gateway.
+    """One routable engine pod: identity from discovery, live counters from the gateway, metrics.
 
     ``inflight`` counts requests this gateway has sent to the pod that have not
     finished yet; the router increments it at the moment of selection.
@@ -85,5 +87,7 @@ class PodState:
     namespace: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
     inflight: int = 0
+    #: The latest pod-metrics record (sidecar in production, engine model in the simulator); None = unknown.
+    metrics: PodMetrics | None = None
     #: Encoded ext_proc replies that only depend on this pod, keyed by the encoder.
     encoded: dict[Any, bytes] = field(default_factory=dict, repr=False)

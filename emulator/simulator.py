@@ -1,0 +1,236 @@
+"""Fleet simulator: N engine models, one workload and the gateway's own router, in virtual time.
+
+No sockets and no clock: a discrete-event loop over arrivals and engine steps.
+Each arrival is routed by the very ``Router`` and strategy objects the gateway
+uses, reading ``PodState`` exactly as in production: in-flight counts taken at
+selection and released when the request finishes, and pod-metrics records
+that reach the router ``metrics_delay`` after each scrape (the sidecar's scrape
+interval plus the Redis hop), built by the same ``MetricsWindow`` the sidecar uses.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from brickyard.podmetrics import EngineSample, MetricsWindow, PodMetrics
+from emulator.engine import EngineCore, EngineStats, Request, StepOutput
+from emulator.profile import load_profile
+from emulator.results import RequestOutcome, summarize
+from emulator.workloads import WorkloadRequest
+from gateway_plugins.discovery.registry import PodInfo, PodRegistry
+from gateway_plugins.errors import GatewayError
+from gateway_plugins.routing.router import Decision, Router
+from gateway_plugins.routing.strategies import Strategy, build_strategies
+from gateway_plugins.routing.types import Endpoint, PodState, RoutingRequest
+
+
+@dataclass
+class FleetSpec:
+    engines: int = 16
+    profile: str = "llama-3.1-8b_h100"
+    model: str = "llama-3.1-8b-instruct"
+    strategy: str = "least-request"
+    #: Seconds between metric scrapes of each engine (the sidecar's interval); 0 disables metrics.
+    metrics_interval: float = 0.05
+    #: Seconds from a scrape until the router sees it (publish to Redis, gateway poll).
+    metrics_delay: float = 0.05
+    #: Trailing window of the rates and means in each record.
+    metrics_window: float = 2.0
+    max_loras: int | None = None
+    seed: int = 0  # random tie-breaks in strategies
+
+
+@dataclass
+class FleetResult:
+    outcomes: list[RequestOutcome]
+    #: Virtual seconds from the first arrival to the last finish.
+    duration: float
+    engine_stats: list[EngineStats]
+    rejected: int
+    wall_seconds: float
+    routed: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        hits = sum(s.prefix_cache_hits for s in self.engine_stats)
+        queries = sum(s.prefix_cache_queries for s in self.engine_stats)
+        return {
+            **summarize(self.outcomes, duration=self.duration, prefix_hits=hits, prefix_queries=queries),
+            "rejected": self.rejected,
+            "preemptions": sum(s.num_preemptions for s in self.engine_stats),
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+class _Engine:
+    """One simulated engine pod: its model, its pod state, its metrics window, the step in flight."""
+
+    __slots__ = ("core", "pending", "pod", "window")
+
+    def __init__(self, core: EngineCore, pod: PodState, window: MetricsWindow) -> None:
+        self.core = core
+        self.pod = pod
+        self.window = window
+        self.pending: StepOutput | None = None  # the step in flight; its results land at its end
+
+
+class FleetSimulator:
+    def __init__(self, spec: FleetSpec, *, strategies: Mapping[str, Strategy] | None = None) -> None:
+        self.spec = spec
+        profile = load_profile(spec.profile)
+        registry = PodRegistry()
+        registry.replace_all(
+            PodInfo(f"engine-{i}", f"10.0.{i // 256}.{i % 256}:8000", spec.model, labels={"gpu": profile.gpu})
+            for i in range(spec.engines)
+        )
+        self.router = Router(registry, strategies or build_strategies(), default_strategy=spec.strategy)
+        pods = {pod.name: pod for pod in registry.ready_pods(spec.model)}
+        self.engines = [
+            _Engine(
+                EngineCore(profile, max_loras=spec.max_loras),
+                pods[f"engine-{i}"],
+                MetricsWindow(spec.metrics_window, gpu_type=profile.gpu),
+            )
+            for i in range(spec.engines)
+        ]
+        self._by_pod = {id(engine.pod): engine for engine in self.engines}
+        self._steps: list[tuple[float, int, _Engine]] = []  # heap of (step end, tie-break, engine)
+        self._tie = itertools.count()
+        self._decisions: dict[str, Decision] = {}
+        self._outcomes: list[RequestOutcome] = []
+        #: Scraped records on their way to the router: (time they become visible, one record per engine).
+        self._published: deque[tuple[float, list[PodMetrics]]] = deque()
+        self._next_scrape = math.inf
+
+    def run(self, requests: Iterable[WorkloadRequest]) -> FleetResult:
+        random.seed(self.spec.seed)
+        started = time.perf_counter()
+        spec = self.spec
+        rejected, first_arrival = 0, None
+        routed: dict[str, int] = {}
+        for number, request in enumerate(requests):
+            now = request.arrival
+            if first_arrival is None:
+                first_arrival = now
+            if self._next_scrape == math.inf and spec.metrics_interval > 0:
+                self._next_scrape = now  # scrapes pause while the fleet is idle
+            self._run_until(now)
+            routing = RoutingRequest(
+                spec.model,
+                endpoint=Endpoint.COMPLETIONS,
+                user=request.user or None,
+                session_id=request.session or None,
+                prompt_source=lambda _, r=request: r.prompt_text,
+            )
+            try:
+                decision = self.router.route(routing)
+            except GatewayError:
+                rejected += 1
+                continue
+            rid = f"req-{number}"
+            self._decisions[rid] = decision
+            routed[decision.pod.name] = routed.get(decision.pod.name, 0) + 1
+            engine = self._by_pod[id(decision.pod)]
+            lora = request.model if request.model != spec.model else None
+            engine.core.add_request(Request(rid, request.prompt_ids, request.max_tokens, lora, now), now)
+            if engine.pending is None:
+                self._start_step(engine, now)
+        self._run_until(math.inf)
+        outcomes = self._outcomes
+        end = max((o.arrival + o.e2e for o in outcomes), default=0.0)
+        return FleetResult(
+            outcomes=outcomes,
+            duration=end - (first_arrival or 0.0),
+            engine_stats=[engine.core.stats() for engine in self.engines],
+            rejected=rejected,
+            wall_seconds=time.perf_counter() - started,
+            routed=routed,
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _run_until(self, t: float) -> None:
+        """Process every step end, scrape and metrics delivery up to time ``t``, in time order."""
+        steps, published = self._steps, self._published
+        while True:
+            step_end = steps[0][0] if steps else math.inf
+            visible = published[0][0] if published else math.inf
+            now = min(step_end, visible, self._next_scrape)
+            if now > t or now == math.inf:
+                return
+            if now == step_end:
+                self._finish_step(heapq.heappop(steps)[2], now)
+            elif now == visible:
+                for engine, record in zip(self.engines, published.popleft()[1], strict=True):
+                    engine.pod.metrics = record
+            else:
+                self._scrape(now)
+
+    def _start_step(self, engine: _Engine, now: float) -> None:
+        out = engine.core.step(now)
+        if out.num_steps:
+            engine.pending = out
+            heapq.heappush(self._steps, (out.end, next(self._tie), engine))
+
+    def _finish_step(self, engine: _Engine, now: float) -> None:
+        out, engine.pending = engine.pending, None
+        assert out is not None
+        for result in out.finished:
+            decision = self._decisions.pop(result.request_id)
+            self.router.release(decision)
+            first_token = result.first_token if result.first_token is not None else result.finished
+            self._outcomes.append(
+                RequestOutcome(
+                    result.arrival,
+                    first_token - result.arrival,
+                    result.e2e,
+                    result.output_tokens,
+                    result.prompt_tokens,
+                    decision.pod.name,
+                    result.cached_prompt_tokens,
+                )
+            )
+        if engine.core.has_unfinished_requests:
+            self._start_step(engine, now)
+
+    def _scrape(self, now: float) -> None:
+        records = [engine.window.update(_sample(engine.core, now)) for engine in self.engines]
+        self._published.append((now + self.spec.metrics_delay, records))
+        self._next_scrape = now + self.spec.metrics_interval if self._steps else math.inf
+
+
+def _sample(core: EngineCore, now: float) -> EngineSample:
+    stats = core.stats()
+    histograms = stats.histograms
+    ttft, itl, queue = (
+        histograms["time_to_first_token"],
+        histograms["inter_token_latency"],
+        histograms["request_queue_time"],
+    )
+    return EngineSample(
+        timestamp=now,
+        waiting=stats.num_waiting,
+        running=stats.num_running,
+        kv_usage=stats.kv_cache_usage,
+        prefix_queries=stats.prefix_cache_queries,
+        prefix_hits=stats.prefix_cache_hits,
+        prompt_tokens=stats.prompt_tokens,
+        generation_tokens=stats.generation_tokens,
+        ttft_sum=ttft.sum,
+        ttft_count=ttft.count,
+        itl_sum=itl.sum,
+        itl_count=itl.count,
+        queue_sum=queue.sum,
+        queue_count=queue.count,
+        running_adapters=tuple(stats.running_lora_adapters),
+        waiting_adapters=tuple(stats.waiting_lora_adapters),
+        max_loras=stats.max_loras,
+        block_size=stats.block_size,
+        num_blocks=stats.num_blocks,
+    )
