@@ -1,11 +1,11 @@
 """The engine model in real time: the backend of a live emulated vLLM server.
 
-One task runs the scheduler: it takes a step at the current virtual time,
-sleeps for the step's modelled duration (divided by ``speed``), then hands each
-request its new tokens. Virtual time is wall time since start times ``speed``,
-so a late wake-up makes the next step start later, exactly like a slow GPU
-iteration would. How late the loop wakes up is recorded: if the machine cannot
-keep up, the emulator says so instead of silently running slow.
+One task runs the scheduler: it takes a step, sleeps until the step's modelled
+end (virtual time is wall time since start times ``speed``), then hands each
+request its new tokens. Steps that follow each other start at the previous
+step's modelled end, so the small lateness of each wake-up does not accumulate;
+how late the loop wakes up is recorded, so if the machine cannot keep up the
+emulator says so instead of silently running slow.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from collections.abc import AsyncIterator
 
 from emulator.backend import GenerationRequest
 from emulator.engine import EngineCore, EngineStats, Request
+
+#: How far (wall seconds) the engine may run behind real time and still keep its own timeline; beyond it,
+#: the next step starts now and the lost time is gone, as when a real GPU stalls.
+_MAX_CATCH_UP = 0.05
 
 
 class LiveEngine:
@@ -70,12 +74,16 @@ class LiveEngine:
 
     async def _run(self) -> None:
         core, speed = self.core, self.speed
+        timeline = 0.0  # virtual end of the previous step
         while True:
             if not core.has_unfinished_requests:
                 self._work.clear()
                 await self._work.wait()
+                timeline = self.now()
                 continue
-            out = core.step(self.now())
+            # Back-to-back steps follow the model's timeline, so wake-up lag does not add up step after step.
+            out = core.step(max(timeline, self.now() - _MAX_CATCH_UP * speed))
+            timeline = out.end
             if not out.num_steps:  # nothing schedulable (cannot happen with work queued); do not spin
                 await asyncio.sleep(0.001)
                 continue

@@ -50,6 +50,7 @@ def summarize(
         "ttft_p99_ms": percentile(ttft, 99) * 1000,
         "tpot_p50_ms": percentile(tpot, 50) * 1000,
         "tpot_p99_ms": percentile(tpot, 99) * 1000,
+        "ttft_mean_ms": sum(ttft) / len(ttft) * 1000 if ttft else math.nan,
         "e2e_p50_ms": percentile([r.e2e for r in done], 50) * 1000,
         "throughput_rps": len(done) / duration if duration else math.nan,
         "output_tps": sum(r.output_tokens for r in done) / duration if duration else math.nan,
