@@ -8,7 +8,7 @@ and collapses runs of identical decode-only steps into one arithmetic jump.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from operator import attrgetter
 
 from emulator.engine.kv_cache import KVCacheManager
 from emulator.engine.lora import LoraSlots
@@ -17,24 +17,83 @@ from emulator.engine.request import FINISHED_ABORT, FINISHED_LENGTH, Request, Re
 from emulator.engine.scheduler import Scheduler
 from emulator.profile import Profile
 
+_request_id = attrgetter("request_id")
+
 #: Shorter runs are stepped one by one: a single step gains nothing from the jump arithmetic.
 MIN_JUMP_STEPS = 2
 
 
-@dataclass(slots=True)
 class StepOutput:
-    """What one ``step`` (or a stretch of steps run by ``advance``) did between ``start`` and ``end``."""
+    """What one ``step`` (or a stretch of steps run by ``advance``) did between ``start`` and ``end``.
 
-    start: float
-    end: float
-    num_steps: int = 0
-    #: request id -> output tokens produced (in ``step``: delivered at ``end``).
-    new_tokens: dict[str, int] = field(default_factory=dict)
-    finished: list[RequestResult] = field(default_factory=list)
+    ``new_tokens`` (request id -> output tokens produced; in ``step``: delivered at ``end``) is built when
+    first read: most of a busy batch decodes in lockstep, so the engine records one shared count for the
+    requests that decoded throughout plus per-request corrections, and a fleet simulator that never reads
+    the dict never pays for it.
+    """
+
+    __slots__ = ("_adjust", "_members", "_new_tokens", "_shared", "end", "finished", "num_steps", "start")
+
+    def __init__(
+        self,
+        start: float,
+        end: float,
+        num_steps: int = 0,
+        new_tokens: dict[str, int] | None = None,
+        finished: list[RequestResult] | None = None,
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.num_steps = num_steps
+        self.finished: list[RequestResult] = [] if finished is None else finished
+        self._new_tokens = new_tokens
+        #: Tokens each request in ``_members`` got, before the corrections in ``_adjust``.
+        self._shared = 0
+        self._members: tuple[RequestState, ...] = ()
+        self._adjust: dict[str, int] = {}
+
+    @property
+    def new_tokens(self) -> dict[str, int]:
+        """Request id -> output tokens produced (only requests that produced some)."""
+        if self._new_tokens is None:
+            tokens: dict[str, int] = {}
+            if self._shared:
+                tokens = dict.fromkeys(map(_request_id, self._members), self._shared)
+            for request_id, count in self._adjust.items():
+                total = tokens.get(request_id, 0) + count
+                if total:
+                    tokens[request_id] = total
+                else:
+                    tokens.pop(request_id, None)
+            self._new_tokens = tokens
+        return self._new_tokens
+
+    @new_tokens.setter
+    def new_tokens(self, tokens: dict[str, int]) -> None:
+        self._new_tokens = tokens
 
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+    def __repr__(self) -> str:
+        return (
+            f"StepOutput(start={self.start!r}, end={self.end!r}, num_steps={self.num_steps!r}, "
+            f"new_tokens={self.new_tokens!r}, finished={self.finished!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepOutput):
+            return NotImplemented
+        return (self.start, self.end, self.num_steps, self.new_tokens, self.finished) == (
+            other.start,
+            other.end,
+            other.num_steps,
+            other.new_tokens,
+            other.finished,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
 
 
 class EngineCore:
@@ -70,8 +129,6 @@ class EngineCore:
         )
         self.metrics = EngineMetrics()
         self._requests: dict[str, RequestState] = {}
-        #: Whether every running request decodes in the next step (a cheap pre-check for decode jumps).
-        self._all_decoding = False
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -97,10 +154,10 @@ class EngineCore:
         if state is None:
             return None
         scheduler = self.scheduler
-        if state in scheduler.waiting:
-            scheduler.waiting.remove(state)
-        else:
+        if scheduler.is_running(state):
             scheduler.remove_running([state])
+        else:
+            scheduler.waiting.remove(state)
         self._count_finished(FINISHED_ABORT)
         return RequestResult.of(state, now, FINISHED_ABORT)
 
@@ -113,36 +170,63 @@ class EngineCore:
     def step(self, now: float) -> StepOutput:
         """One scheduler iteration starting at ``now``; its tokens exist at ``out.end``."""
         out = StepOutput(start=now, end=now)
+        self._open(out)
         self._run_step(out)
+        self._close(out)
         return out
 
     def advance(self, now: float, until: float) -> StepOutput:
         """Run steps back to back from ``now`` until idle or until the next step would start at or after
         ``until``; the last step may end after ``until``. Equivalent to calling ``step`` repeatedly."""
         out = StepOutput(start=now, end=now)
+        self._open(out)
         while self._requests and out.end < until:
             if not self._try_decode_jump(out, until):
                 steps = out.num_steps
                 self._run_step(out)
                 if out.num_steps == steps:
                     break  # nothing could be scheduled (cannot happen with a non-empty engine; be safe)
+        self._close(out)
         return out
+
+    def _open(self, out: StepOutput) -> None:
+        """Start counting tokens for ``out``: group members get one per group step, the rest are noted."""
+        group = self.scheduler.decoding
+        group.ledger, group.ledger_origin = out._adjust, group.steps
+
+    def _close(self, out: StepOutput) -> None:
+        """Record the group's steps during ``out`` and who was in it at the end (for ``new_tokens``)."""
+        group = self.scheduler.decoding
+        out._shared = group.steps - group.ledger_origin
+        if out._shared:
+            out._members = tuple(group.members.values())
+        group.ledger = None
 
     def _run_step(self, out: StepOutput) -> None:
         now = out.end
-        sched = self.scheduler.schedule(now)
-        if not sched.requests:
+        scheduler = self.scheduler
+        sched = scheduler.schedule(now)
+        decodes = sched.num_decodes
+        if not sched.requests and not decodes:
             return
         profile = self.profile
         duration = profile.step_time(
             sched.num_tokens, sched.kv_tokens_read, sched.prefill_attention_pairs, bool(sched.lora_adapters)
         )
         end = now + duration + sched.lora_loads * profile.lora_load_s
-        self.metrics.num_preemptions += len(sched.preempted)
-        sampled, finished = self.scheduler.update_from_output(sched)
-        metrics, new_tokens = self.metrics, out.new_tokens
+        metrics = self.metrics
+        metrics.num_preemptions += len(sched.preempted)
         itl = metrics.inter_token_latency
-        after_last_step = 0  # decodes whose previous token came at ``now``: they share one ITL value
+        # Decodes whose previous token came at ``now`` share one ITL value; the group shares its last token.
+        after_last_step = 0
+        if decodes:
+            last = scheduler.decoding.last
+            if last == now:
+                after_last_step = decodes
+            else:
+                itl.observe(end - last, decodes)
+        sampled, finished = scheduler.update_from_output(sched, end)
+        ledger = out._adjust
         for request in sampled:
             last = request.last_token
             if last == now:
@@ -154,50 +238,47 @@ class EngineCore:
             else:
                 itl.observe(end - last)
             request.last_token = end
-            new_tokens[request.request_id] = new_tokens.get(request.request_id, 0) + 1
+            ledger[request.request_id] = ledger.get(request.request_id, 0) + 1
         if after_last_step:
             itl.observe(end - now, after_last_step)
-        metrics.generation_tokens += len(sampled)
+        metrics.generation_tokens += decodes + len(sampled)
         for request in finished:
             out.finished.append(self._finish(request, end))
-        # The next step is decode-only if every request left running sampled a token in this one.
-        self._all_decoding = not sched.preempted and len(sampled) == len(sched.requests) == len(
-            self.scheduler.running
-        ) + len(finished)
         out.end = end
         out.num_steps += 1
 
     def _try_decode_jump(self, out: StepOutput, until: float) -> bool:
         """Run k identical decode-only steps at once, if the engine is in such a run.
 
-        Conditions: nobody waits, every running request decodes (one token per step, all fitting in the
-        budget), their adapters are resident, and the free blocks cover the next k steps. Step j then lasts
-        ``d0 + j * delta`` (each sequence's context grows by one token per step), so the run is an arithmetic
-        series. k stops at the first finish, before a step would start at ``until``, and where blocks run out.
+        Conditions: nobody waits, every running request is a decode-group member (one token per step, all
+        fitting in the budget), their adapters are resident, and the free blocks cover the next k steps. Step
+        j then lasts ``d0 + j * delta`` (each sequence's context grows by one token per step), so the run is
+        an arithmetic series. k stops at the first finish, before a step would start at ``until``, and where
+        blocks run out.
         """
         scheduler = self.scheduler
-        running = scheduler.running
-        batch = len(running)
+        group = scheduler.decoding
+        batch = len(group)
         if (
-            not self._all_decoding
+            not batch
             or scheduler.waiting
-            or not batch
+            or scheduler.num_running != batch
             or batch > scheduler.max_num_batched_tokens
         ):
             return False
-        steps = min(request.max_tokens - request.num_output_tokens for request in running)
-        if steps < MIN_JUMP_STEPS:
-            return False
-        kv_read = 0
-        for request in running:
-            if request.num_computed_tokens != request.num_prompt_tokens + request.num_output_tokens - 1:
-                return False  # still in prefill, or recomputing after preemption
-            kv_read += request.num_computed_tokens + 1
-        adapters = list(dict.fromkeys(r.lora for r in running if r.lora is not None))
+        adapters: list[str] = []
+        if group.adapters:
+            firsts = group.first_seq_by_adapter()
+            adapters = sorted(firsts, key=firsts.__getitem__)
+        profile, now = self.profile, out.end
+        first = profile.step_time(batch, group.kv_tokens_read(), 0, bool(adapters))
+        if until - now <= first:
+            return False  # the second step would not start before ``until``
         if adapters and not self.lora_slots.all_resident(adapters):
             return False
-        profile, now = self.profile, out.end
-        first = profile.step_time(batch, kv_read, 0, bool(adapters))
+        steps = group.steps_to_first_finish()
+        if steps < MIN_JUMP_STEPS:
+            return False
         delta = profile.kv_token_s * batch
         steps = min(steps, _steps_starting_before(until - now, first, delta))
         steps = self._steps_with_free_blocks(steps)
@@ -208,12 +289,7 @@ class EngineCore:
 
     def _steps_with_free_blocks(self, steps: int) -> int:
         """The largest k <= ``steps`` whose new blocks fit in the free queue (binary search, monotone)."""
-        kv, running = self.kv, self.scheduler.running
-        free = kv.pool.num_free
-
-        def needed(k: int) -> int:
-            return sum(kv.blocks_needed(request, k) for request in running)
-
+        needed, free = self.scheduler.decoding.blocks_needed, self.kv.pool.num_free
         if needed(steps) <= free:
             return steps
         low, high = 0, steps  # needed(low) fits, needed(high) does not
@@ -226,41 +302,29 @@ class EngineCore:
         return low
 
     def _jump(self, out: StepOutput, steps: int, first: float, delta: float, adapters: list[str]) -> None:
-        """Apply ``steps`` decode steps to every running request, as ``step`` would one at a time."""
-        kv, metrics, new_tokens = self.kv, self.metrics, out.new_tokens
-        now = out.end
-        first_end = now + first
+        """Apply ``steps`` decode steps to the whole group, as ``step`` would one at a time."""
+        scheduler, metrics = self.scheduler, self.metrics
+        group = scheduler.decoding
+        now, batch = out.end, len(group)
         end = now + steps * first + delta * steps * (steps - 1) / 2
-        running = self.scheduler.running
         itl = metrics.inter_token_latency
-        finished = []
-        pool = kv.pool
-        after_last_step = 0  # requests whose previous token came at ``now`` share their first gap
-        for request in running:
-            if request.last_token == now:
-                after_last_step += 1
-            else:
-                itl.observe(first_end - request.last_token)
-            needed = kv.blocks_needed(request, steps)
-            if needed:
-                request.block_ids.extend(pool.allocate(needed))
-            request.num_computed_tokens += steps
-            request.num_output_tokens += steps
-            request.last_token = end
-            if kv.enable_caching:
-                kv.cache_full_blocks(request, request.num_computed_tokens)
-            new_tokens[request.request_id] = new_tokens.get(request.request_id, 0) + steps
-            if request.num_output_tokens >= request.max_tokens:
-                finished.append(request)
-        if after_last_step:
-            itl.observe(first, after_last_step)
-        # Every request's later gaps are the durations of steps 1..k-1.
-        itl.observe_series(first + delta, delta, steps - 1, len(running))
-        metrics.generation_tokens += steps * len(running)
+        if group.last == now:
+            itl.observe(first, batch)
+        else:
+            itl.observe(now + first - group.last, batch)
+        # Every member's later gaps are the durations of steps 1..k-1.
+        itl.observe_series(first + delta, delta, steps - 1, batch)
+        metrics.generation_tokens += steps * batch
+        scheduler.decode_steps(steps)
         if adapters:
             self.lora_slots.activate(adapters)
+        # The last of the k steps is the first in which anyone finishes.
+        group.steps += steps - 1
+        finished = group.pop_finishing()
+        group.steps += 1
+        group.last = end
         if finished:
-            self.scheduler.remove_running(finished)
+            scheduler.remove_running(finished)
             for request in finished:
                 out.finished.append(self._finish(request, end))
         out.end = end
@@ -286,7 +350,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         scheduler, metrics, prefix = self.scheduler, self.metrics, self.kv.stats
         return EngineStats(
-            num_running=len(scheduler.running),
+            num_running=scheduler.num_running,
             num_waiting=len(scheduler.waiting),
             kv_cache_usage=self.kv.usage,
             prefix_cache_queries=prefix.queries,
@@ -295,7 +359,7 @@ class EngineCore:
             generation_tokens=metrics.generation_tokens,
             num_preemptions=metrics.num_preemptions,
             requests_finished=dict(metrics.requests_finished),
-            running_lora_adapters=sorted({r.lora for r in scheduler.running if r.lora is not None}),
+            running_lora_adapters=sorted(scheduler.running_adapters()),
             waiting_lora_adapters=sorted({r.lora for r in scheduler.waiting if r.lora is not None}),
             max_loras=self.lora_slots.num_slots,
             block_size=self.block_size,

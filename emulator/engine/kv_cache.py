@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from emulator.engine.request import RequestState
+from emulator.engine.request import RequestState, reply_windows
 
 #: Parent hash of a request's first block.
 NONE_HASH = 0
@@ -29,15 +29,26 @@ class BlockPool:
     The free queue is ordered least recently freed first. Allocation takes from its head; a block that
     still holds a cached prefix loses its name then (eviction). A cache hit on a free block takes it out
     of the queue.
+
+    A block is free (in the queue, no reference), or held by one request, or shared by several through
+    prefix hits; only the last kind stores a count (``shared``: references beyond the first), so
+    allocating and freeing unshared blocks, nearly all of them, writes no count.
     """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.ref_cnt = [0] * num_blocks
+        #: The name each block holds; ``block_hash[b] == h`` exactly when ``cached[h] == b``.
         self.block_hash: list[int | None] = [None] * num_blocks
         #: hash -> block holding it (one block per hash; see docs/emulator-model.md).
         self.cached: dict[int, int] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        #: block -> references beyond the first, for blocks several requests hold.
+        self.shared: dict[int, int] = {}
+
+    @property
+    def ref_cnt(self) -> _RefCounts:
+        """``ref_cnt[block]``: how many requests hold the block (0: it is free)."""
+        return _RefCounts(self)
 
     @property
     def num_free(self) -> int:
@@ -50,40 +61,70 @@ class BlockPool:
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Take a reference on cache hits, pulling free ones out of the free queue."""
-        ref_cnt, free_queue = self.ref_cnt, self.free_queue
+        shared, free_queue = self.shared, self.free_queue
         for block in block_ids:
-            if ref_cnt[block] == 0:
+            if block in free_queue:
                 del free_queue[block]
-            ref_cnt[block] += 1
+            else:
+                shared[block] = shared.get(block, 0) + 1
 
     def allocate(self, count: int) -> list[int]:
         """Take ``count`` blocks from the head of the free queue, evicting the prefixes they cached."""
-        popitem, ref_cnt, block_hash = self.free_queue.popitem, self.ref_cnt, self.block_hash
-        blocks = []
-        for _ in range(count):
-            block = popitem(last=False)[0]
+        popitem, block_hash, cached = self.free_queue.popitem, self.block_hash, self.cached
+        blocks = [popitem(False)[0] for _ in range(count)]  # positional: no keyword parsing per block
+        for block in blocks:
             cached_hash = block_hash[block]
             if cached_hash is not None:
                 block_hash[block] = None
-                if self.cached.get(cached_hash) == block:
-                    del self.cached[cached_hash]
-            ref_cnt[block] = 1
-            blocks.append(block)
+                del cached[cached_hash]
         return blocks
+
+    def allocate_one(self) -> int:
+        """``allocate(1)`` without the list: a decode crossing into a new block."""
+        block = self.free_queue.popitem(False)[0]
+        cached_hash = self.block_hash[block]
+        if cached_hash is not None:
+            self.block_hash[block] = None
+            del self.cached[cached_hash]
+        return block
 
     def free(self, block_ids: Iterable[int]) -> None:
         """Drop a reference; blocks nobody uses join the tail of the free queue in the given order."""
-        ref_cnt, free_queue = self.ref_cnt, self.free_queue
-        for block in block_ids:
-            ref_cnt[block] -= 1
-            if ref_cnt[block] == 0:
+        shared, free_queue = self.shared, self.free_queue
+        if not shared:
+            for block in block_ids:
                 free_queue[block] = None
+            return
+        for block in block_ids:
+            extra = shared.get(block)
+            if extra is None:
+                free_queue[block] = None
+            elif extra == 1:
+                del shared[block]
+            else:
+                shared[block] = extra - 1
 
     def cache(self, block: int, block_hash: int) -> None:
         """Name a block that just became full, unless another block already holds that prefix."""
         if block_hash not in self.cached:
             self.cached[block_hash] = block
             self.block_hash[block] = block_hash
+
+
+class _RefCounts:
+    """Read-only view of the reference counts (``BlockPool.ref_cnt``), for tests and inspection."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: BlockPool) -> None:
+        self._pool = pool
+
+    def __getitem__(self, block: int) -> int:
+        pool = self._pool
+        return 0 if block in pool.free_queue else 1 + pool.shared.get(block, 0)
+
+    def __len__(self) -> int:
+        return self._pool.num_blocks
 
 
 @dataclass(slots=True)
@@ -102,6 +143,8 @@ class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
+        #: Every block-sized window of the reply ordering: a reply block's tokens, by phase.
+        self._reply_blocks = reply_windows(block_size)
         self.enable_caching = enable_caching
         self.stats = PrefixCacheStats()
 
@@ -147,7 +190,7 @@ class KVCacheManager:
         pool = self.pool
         num_needed = -(-total // block_size) - len(request.block_ids) - len(computed_blocks)
         if computed_blocks:
-            evictable = sum(1 for block in computed_blocks if pool.ref_cnt[block] == 0)
+            evictable = sum(1 for block in computed_blocks if block in pool.free_queue)
             if num_needed > len(pool.free_queue) - evictable:
                 return False
             pool.touch(computed_blocks)
@@ -169,21 +212,39 @@ class KVCacheManager:
         if num_full <= start:
             return
         self._hash_blocks(request, num_full)
-        cache, block_ids, hashes = self.pool.cache, request.block_ids, request.block_hashes
+        block_ids, hashes = request.block_ids, request.block_hashes
+        cached, names = self.pool.cached, self.pool.block_hash
         for index in range(start, num_full):
-            cache(block_ids[index], hashes[index])
+            block_hash = hashes[index]
+            if block_hash not in cached:  # else another block holds this prefix: it keeps the name
+                block = block_ids[index]
+                cached[block_hash] = block
+                names[block] = block_hash
         request.num_cached_blocks = num_full
+
+    def cache_next_block(self, request: RequestState) -> None:
+        """``cache_full_blocks`` for a decode whose token just filled the block after its cached ones."""
+        index = request.num_cached_blocks
+        self._hash_blocks(request, index + 1)
+        self.pool.cache(request.block_ids[index], request.block_hashes[index])
+        request.num_cached_blocks = index + 1
+
+    def hash_ahead(self, request: RequestState) -> None:
+        """Hash every block the request will fill, reply included (its reply is fixed by its prompt).
+
+        Done once when a request starts decoding, in one loop, so that naming the block a decode fills,
+        every ``block_size`` steps of every running request, is a list lookup. Lookups never read hashes
+        beyond the request's current tokens, so hashing early changes nothing else.
+        """
+        if self.enable_caching:
+            last_computed = request.num_prompt_tokens + request.max_tokens - 1
+            self._hash_blocks(request, last_computed // self.block_size)
 
     def free(self, request: RequestState) -> None:
         """Release a finished or preempted request's blocks, tail first (evicted first)."""
         self.pool.free(reversed(request.block_ids))
         request.block_ids = []
         request.num_cached_blocks = 0
-
-    def blocks_needed(self, request: RequestState, num_new_tokens: int) -> int:
-        """New blocks the request would need to hold ``num_new_tokens`` more tokens."""
-        total = request.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(request.block_ids))
 
     def _hash_blocks(self, request: RequestState, num_blocks: int) -> None:
         """Extend the request's chain of block hashes to its first ``num_blocks`` full blocks."""
@@ -201,7 +262,15 @@ class KVCacheManager:
                 parent = hash((parent, token_ids, lora))
                 hashes.append(parent)
             start = prompt_blocks
-        for index in range(start, num_blocks):
-            lo = index * block_size
+        if start < num_blocks and start * block_size < request.num_prompt_tokens:
+            # The block holding the end of the prompt and the start of the reply.
+            lo = start * block_size
             parent = hash_block(parent, request.token_ids(lo, lo + block_size), lora)
+            hashes.append(parent)
+            start += 1
+        # Whole reply blocks: windows of the reply ordering.
+        reply_blocks = self._reply_blocks
+        phase = request.reply_phase - request.num_prompt_tokens
+        for index in range(start, num_blocks):
+            parent = hash((parent, reply_blocks[(phase + index * block_size) % len(reply_blocks)], lora))
             hashes.append(parent)

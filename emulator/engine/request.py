@@ -35,13 +35,51 @@ def reply_seed(prompt_ids: list[int]) -> int:
 
 def reply_ids(seed: int, start: int, count: int) -> tuple[int, ...]:
     """Generated tokens ``start .. start+count-1`` of a prompt with ``reply_seed`` ``seed``."""
-    return _reply_window((seed + start * _REPLY_STRIDE) % len(tokens.vocabulary().ids), count)
+    if count > _vocabulary_size():  # longer than the vocabulary: not one window
+        ids = tokens.vocabulary().ids
+        return tuple(ids[(seed + i * _REPLY_STRIDE) % len(ids)] for i in range(start, start + count))
+    return reply_window(reply_phase(seed) + start, count)
+
+
+def reply_phase(seed: int) -> int:
+    """Where the reply of ``seed`` starts in the reply ordering (``_reply_ordering``).
+
+    Token i of a reply is ``ids[(seed + i * stride) % size]``. The stride is prime, so coprime with the
+    vocabulary size, and ``ids[k * stride % size]`` for k = 0, 1, ... visits every id once: token i is entry
+    ``seed / stride + i (mod size)`` of that ordering, so any run of a reply is one slice of it.
+    """
+    return seed * _stride_inverse() % _vocabulary_size()
+
+
+def reply_window(phase: int, count: int) -> tuple[int, ...]:
+    """Entries ``phase .. phase+count-1`` (cyclically) of the reply ordering; ``count`` <= the vocabulary."""
+    ordering = _reply_ordering()
+    first = phase % _vocabulary_size()
+    return tuple(ordering[first : first + count])
 
 
 @cache
-def _reply_window(phase: int, count: int) -> tuple[int, ...]:
+def reply_windows(count: int) -> list[tuple[int, ...]]:
+    """``reply_window(phase, count)`` for every phase: one block of a reply is a list lookup."""
+    return [reply_window(phase, count) for phase in range(_vocabulary_size())]
+
+
+@cache
+def _vocabulary_size() -> int:
+    return len(tokens.vocabulary().ids)
+
+
+@cache
+def _stride_inverse() -> int:
+    return pow(_REPLY_STRIDE, -1, _vocabulary_size())
+
+
+@cache
+def _reply_ordering() -> list[int]:
+    """The vocabulary in the order replies walk it, twice over so that every window is one slice."""
     ids = tokens.vocabulary().ids
-    return tuple(ids[(phase + i * _REPLY_STRIDE) % len(ids)] for i in range(count))
+    ordering = [ids[k * _REPLY_STRIDE % len(ids)] for k in range(len(ids))]
+    return ordering + ordering
 
 
 def lora_id(name: str | None) -> int:
@@ -59,8 +97,10 @@ class RequestState:
     max_tokens: int
     lora: str | None
     lora_id: int
-    #: Seed of the generated tokens (``tokens.reply``), fixed by the prompt.
+    #: Seed of the generated tokens (``tokens.reply``), fixed by the prompt, and where it puts the reply in
+    #: the reply ordering (generated token i is entry ``reply_phase + i``; see ``reply_phase``).
     reply_seed: int
+    reply_phase: int
     arrival: float
     #: Tokens whose KV is (or is being) computed; reset to 0 by a preemption (recompute mode).
     num_computed_tokens: int = 0
@@ -77,9 +117,14 @@ class RequestState:
     first_scheduled: float = -1.0
     first_token: float = -1.0
     last_token: float = -1.0
+    #: Position in the running batch (a counter taken at each admission): the scheduler's order.
+    seq: int = -1
+    #: In the decode group: ``num_computed_tokens - group.steps`` when it joined (see ``engine/decode.py``).
+    decode_offset: int = 0
 
     @classmethod
     def from_request(cls, request: Request, now: float) -> RequestState:
+        seed = reply_seed(request.prompt_token_ids)
         return cls(
             request_id=request.request_id,
             prompt=list(request.prompt_token_ids),
@@ -87,7 +132,8 @@ class RequestState:
             max_tokens=request.max_tokens,
             lora=request.lora,
             lora_id=lora_id(request.lora),
-            reply_seed=reply_seed(request.prompt_token_ids),
+            reply_seed=seed,
+            reply_phase=reply_phase(seed),
             arrival=now if request.arrival is None else request.arrival,
         )
 
@@ -102,8 +148,8 @@ class RequestState:
         if end <= prompt_len:
             return tuple(self.prompt[start:end])
         if start >= prompt_len:
-            return reply_ids(self.reply_seed, start - prompt_len, end - start)
-        return tuple(self.prompt[start:]) + reply_ids(self.reply_seed, 0, end - prompt_len)
+            return reply_window(self.reply_phase + start - prompt_len, end - start)
+        return tuple(self.prompt[start:]) + reply_window(self.reply_phase, end - prompt_len)
 
 
 @dataclass(frozen=True, slots=True)

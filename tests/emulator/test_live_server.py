@@ -202,7 +202,7 @@ async def test_tokenize_and_render(client: TestClient) -> None:
 async def test_metrics_use_vllms_names_and_labels(client: TestClient, adapter_dir: Path) -> None:
     await post(client, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(adapter_dir)})
     task = asyncio.create_task(
-        post(client, "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 400})
+        post(client, "/v1/completions", {"model": "a", "prompt": "x", "max_tokens": 1500})
     )
     await asyncio.sleep(0.2)
     text = await (await client.get("/metrics")).text()
