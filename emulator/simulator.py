@@ -18,9 +18,10 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from brickyard.podmetrics import EngineSample, MetricsWindow, PodMetrics
-from emulator.engine import EngineCore, EngineStats, Request, StepOutput
+from emulator.engine import EngineCore, EngineStats, Request, RequestResult
 from emulator.profile import load_profile
 from emulator.results import RequestOutcome, summarize
 from emulator.workloads import WorkloadRequest
@@ -69,15 +70,23 @@ class FleetResult:
 
 
 class _Engine:
-    """One simulated engine pod: its model, its pod state, its metrics window, the step in flight."""
+    """One simulated engine pod: its model, its pod state, its metrics window, what it is doing.
 
-    __slots__ = ("core", "pending", "pod", "window")
+    An engine is idle, running one committed step (``busy_until``: its end), or in a *planned* run of
+    identical decode-only steps from ``run_start`` that is committed only when it ends or when a new request
+    interrupts it (``EngineCore.decode_run_end``): an engine nobody sends work to costs an event per finish,
+    not per step. ``version`` invalidates heap entries a change of plan made stale.
+    """
+
+    __slots__ = ("busy_until", "core", "pod", "run_start", "version", "window")
 
     def __init__(self, core: EngineCore, pod: PodState, window: MetricsWindow) -> None:
         self.core = core
         self.pod = pod
         self.window = window
-        self.pending: StepOutput | None = None  # the step in flight; its results land at its end
+        self.busy_until: float | None = None
+        self.run_start: float | None = None
+        self.version = 0
 
 
 class FleetSimulator:
@@ -100,7 +109,9 @@ class FleetSimulator:
             for i in range(spec.engines)
         ]
         self._by_pod = {id(engine.pod): engine for engine in self.engines}
-        self._steps: list[tuple[float, int, _Engine]] = []  # heap of (step end, tie-break, engine)
+        #: Engine events in time order: (time, tie-break, engine, its version), or (time, tie-break, None,
+        #: result) for a finish committed ahead of the time it happens.
+        self._events: list[tuple[float, int, _Engine | None, Any]] = []
         self._tie = itertools.count()
         self._decisions: dict[str, Decision] = {}
         self._outcomes: list[RequestOutcome] = []
@@ -138,9 +149,11 @@ class FleetSimulator:
             routed[decision.pod.name] = routed.get(decision.pod.name, 0) + 1
             engine = self._by_pod[id(decision.pod)]
             lora = request.model if request.model != spec.model else None
+            if engine.run_start is not None:
+                self._interrupt(engine, now)
             engine.core.add_request(Request(rid, request.prompt_ids, request.max_tokens, lora, now), now)
-            if engine.pending is None:
-                self._start_step(engine, now)
+            if engine.busy_until is None:
+                self._plan(engine, now)
         self._run_until(math.inf)
         outcomes = self._outcomes
         end = max((o.arrival + o.e2e for o in outcomes), default=0.0)
@@ -156,53 +169,88 @@ class FleetSimulator:
     # -- events ---------------------------------------------------------------------------------
 
     def _run_until(self, t: float) -> None:
-        """Process every step end, scrape and metrics delivery up to time ``t``, in time order."""
-        steps, published = self._steps, self._published
+        """Process every engine event, scrape and metrics delivery up to time ``t``, in time order."""
+        events, published = self._events, self._published
         while True:
-            step_end = steps[0][0] if steps else math.inf
+            event = events[0][0] if events else math.inf
             visible = published[0][0] if published else math.inf
-            now = min(step_end, visible, self._next_scrape)
+            now = min(event, visible, self._next_scrape)
             if now > t or now == math.inf:
                 return
-            if now == step_end:
-                self._finish_step(heapq.heappop(steps)[2], now)
+            if now == event:
+                _, _, engine, payload = heapq.heappop(events)
+                if engine is None:
+                    self._finished(payload)
+                elif payload == engine.version:
+                    self._on_engine_event(engine, now)
             elif now == visible:
                 for engine, record in zip(self.engines, published.popleft()[1], strict=True):
                     engine.pod.metrics = record
             else:
                 self._scrape(now)
 
-    def _start_step(self, engine: _Engine, now: float) -> None:
-        out = engine.core.step(now)
-        if out.num_steps:
-            engine.pending = out
-            heapq.heappush(self._steps, (out.end, next(self._tie), engine))
+    def _plan(self, engine: _Engine, now: float) -> None:
+        """Decide what an engine with work does from ``now``: a planned decode run, or one committed step."""
+        engine.version += 1
+        core = engine.core
+        run_end = core.decode_run_end(now)
+        if run_end is not None:
+            engine.run_start, engine.busy_until, end = now, None, run_end
+        else:
+            out = core.step(now)
+            if not out.num_steps:  # nothing schedulable: wait for the next arrival
+                engine.busy_until = None
+                return
+            engine.busy_until = end = out.end
+            self._finish_all(out.finished, now)
+        heapq.heappush(self._events, (end, next(self._tie), engine, engine.version))
 
-    def _finish_step(self, engine: _Engine, now: float) -> None:
-        out, engine.pending = engine.pending, None
-        assert out is not None
-        for result in out.finished:
-            decision = self._decisions.pop(result.request_id)
-            self.router.release(decision)
-            first_token = result.first_token if result.first_token is not None else result.finished
-            self._outcomes.append(
-                RequestOutcome(
-                    result.arrival,
-                    first_token - result.arrival,
-                    result.e2e,
-                    result.output_tokens,
-                    result.prompt_tokens,
-                    decision.pod.name,
-                    result.cached_prompt_tokens,
-                )
-            )
+    def _on_engine_event(self, engine: _Engine, now: float) -> None:
+        if engine.run_start is not None:  # a planned run reached its end uninterrupted
+            out = engine.core.run_decodes(engine.run_start)
+            engine.run_start = None
+            self._finish_all(out.finished, now)
+        engine.busy_until = None
         if engine.core.has_unfinished_requests:
-            self._start_step(engine, now)
+            self._plan(engine, now)
+
+    def _interrupt(self, engine: _Engine, now: float) -> None:
+        """A request arrives during a planned run: commit the steps that started before it."""
+        out = engine.core.advance(engine.run_start, now)  # type: ignore[arg-type]
+        engine.run_start = None
+        self._finish_all(out.finished, now)
+        engine.version += 1
+        engine.busy_until = out.end
+        heapq.heappush(self._events, (out.end, next(self._tie), engine, engine.version))
+
+    def _finish_all(self, results: list[RequestResult], now: float) -> None:
+        """Release finishes as they happen: at ``now``, or later for a step committed ahead of its end."""
+        for result in results:
+            if result.finished <= now:
+                self._finished(result)
+            else:
+                heapq.heappush(self._events, (result.finished, next(self._tie), None, result))
+
+    def _finished(self, result: RequestResult) -> None:
+        decision = self._decisions.pop(result.request_id)
+        self.router.release(decision)
+        first_token = result.first_token if result.first_token is not None else result.finished
+        self._outcomes.append(
+            RequestOutcome(
+                result.arrival,
+                first_token - result.arrival,
+                result.e2e,
+                result.output_tokens,
+                result.prompt_tokens,
+                decision.pod.name,
+                result.cached_prompt_tokens,
+            )
+        )
 
     def _scrape(self, now: float) -> None:
         records = [engine.window.update(_sample(engine.core, now)) for engine in self.engines]
         self._published.append((now + self.spec.metrics_delay, records))
-        self._next_scrape = now + self.spec.metrics_interval if self._steps else math.inf
+        self._next_scrape = now + self.spec.metrics_interval if self._events else math.inf
 
 
 def _sample(core: EngineCore, now: float) -> EngineSample:

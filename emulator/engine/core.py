@@ -247,14 +247,46 @@ class EngineCore:
         out.end = end
         out.num_steps += 1
 
+    def decode_run_end(self, now: float) -> float | None:
+        """When the run of identical decode-only steps from ``now`` ends, if the engine is in such a run.
+
+        The run ends with its first finish, or where the free blocks run out. None when the next step is not
+        part of such a run (something waits or prefills). Nothing changes: ``run_decodes`` commits the run,
+        ``advance`` commits part of it. The fleet simulator plans with this, so an engine nobody sends work
+        to costs one event per finish instead of one per step.
+        """
+        plan = self._decode_run(now, math.inf)
+        if plan is None:
+            return None
+        steps, first, delta, _ = plan
+        return now + steps * first + delta * steps * (steps - 1) / 2
+
+    def run_decodes(self, now: float) -> StepOutput:
+        """Commit the whole run ``decode_run_end(now)`` announced."""
+        plan = self._decode_run(now, math.inf)
+        if plan is None:
+            raise RuntimeError("no decode run to commit")
+        out = StepOutput(start=now, end=now)
+        self._open(out)
+        self._jump(out, *plan)
+        self._close(out)
+        return out
+
     def _try_decode_jump(self, out: StepOutput, until: float) -> bool:
-        """Run k identical decode-only steps at once, if the engine is in such a run.
+        plan = self._decode_run(out.end, until)
+        if plan is None:
+            return False
+        self._jump(out, *plan)
+        return True
+
+    def _decode_run(self, now: float, until: float) -> tuple[int, float, float, list[str]] | None:
+        """The k identical decode-only steps from ``now`` the engine could run at once, if any.
 
         Conditions: nobody waits, every running request is a decode-group member (one token per step, all
         fitting in the budget), their adapters are resident, and the free blocks cover the next k steps. Step
         j then lasts ``d0 + j * delta`` (each sequence's context grows by one token per step), so the run is
         an arithmetic series. k stops at the first finish, before a step would start at ``until``, and where
-        blocks run out.
+        blocks run out. Returns (k, d0, delta, adapters).
         """
         scheduler = self.scheduler
         group = scheduler.decoding
@@ -265,27 +297,26 @@ class EngineCore:
             or scheduler.num_running != batch
             or batch > scheduler.max_num_batched_tokens
         ):
-            return False
+            return None
         adapters: list[str] = []
         if group.adapters:
             firsts = group.first_seq_by_adapter()
             adapters = sorted(firsts, key=firsts.__getitem__)
-        profile, now = self.profile, out.end
+        profile = self.profile
         first = profile.step_time(batch, group.kv_tokens_read(), 0, bool(adapters))
         if until - now <= first:
-            return False  # the second step would not start before ``until``
+            return None  # the second step would not start before ``until``
         if adapters and not self.lora_slots.all_resident(adapters):
-            return False
+            return None
         steps = group.steps_to_first_finish()
         if steps < MIN_JUMP_STEPS:
-            return False
+            return None
         delta = profile.kv_token_s * batch
         steps = min(steps, _steps_starting_before(until - now, first, delta))
         steps = self._steps_with_free_blocks(steps)
         if steps < MIN_JUMP_STEPS:
-            return False
-        self._jump(out, steps, first, delta, adapters)
-        return True
+            return None
+        return steps, first, delta, adapters
 
     def _steps_with_free_blocks(self, steps: int) -> int:
         """The largest k <= ``steps`` whose new blocks fit in the free queue (binary search, monotone)."""
