@@ -130,8 +130,8 @@ def _engine_counters(urls: list[str]) -> dict[str, float]:
 
     totals = dict.fromkeys(("hits", "queries", "ttft_sum", "ttft_count"), 0.0)
     names = {
-        "vllm:prefix_cache_hits": "hits",
-        "vllm:prefix_cache_queries": "queries",
+        "vllm:prefix_cache_hits_total": "hits",
+        "vllm:prefix_cache_queries_total": "queries",
         "vllm:time_to_first_token_seconds_sum": "ttft_sum",
         "vllm:time_to_first_token_seconds_count": "ttft_count",
     }

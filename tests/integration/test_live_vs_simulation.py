@@ -1,0 +1,53 @@
+"""The same workload on live emulated engines (behind Envoy and the gateway) and in the simulator.
+
+Live mode runs the engines at a quarter of real time so that the HTTP path (client, Envoy, gateway,
+the engines' own HTTP layer), which the simulator does not model, weighs a quarter as much in virtual
+time; docs/simulator.md reports the real-time figures too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+from emulator.routing_bench import requests, run_live, run_simulated, saturation_throughput, workload_spec
+
+pytestmark = pytest.mark.slow
+
+
+def both_modes(workload: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    args = argparse.Namespace(
+        workload=workload,
+        trace=None,
+        engines=2,
+        strategy="least-request",
+        duration=5.0,
+        load=0.5,
+        profile="llama-3.1-8b_h100",
+        model="bench-model",
+        seed=0,
+        speed=0.25,
+    )
+    trace = requests(args, workload_spec(args, saturation_throughput(args.workload, args.profile)))
+    simulated = run_simulated(args, "least-request", trace)["summary"]
+    live = run_live(args, "least-request", trace)["summary"]
+    assert live["errors"] == 0
+    assert live["requests"] == simulated["requests"] == len(trace)
+    return simulated, live, len(trace)
+
+
+def test_no_sharing_agrees_on_ttft_and_throughput() -> None:
+    simulated, live, _ = both_modes("no-sharing")
+    assert live["engine_ttft_mean_ms"] == pytest.approx(simulated["ttft_mean_ms"], rel=0.05)
+    assert live["tpot_p50_ms"] == pytest.approx(simulated["tpot_p50_ms"], rel=0.05)
+    assert live["ttft_p50_ms"] == pytest.approx(simulated["ttft_p50_ms"], rel=0.15)  # HTTP path included
+    assert live["throughput_rps"] == pytest.approx(simulated["throughput_rps"], rel=0.15)
+
+
+def test_shared_prefix_agrees_on_cache_hits() -> None:
+    simulated, live, _ = both_modes("shared-prefix")
+    assert simulated["prefix_hit_rate"] > 0.5
+    assert live["prefix_hit_rate"] == pytest.approx(simulated["prefix_hit_rate"], abs=0.02)
+    assert live["engine_ttft_mean_ms"] == pytest.approx(simulated["ttft_mean_ms"], rel=0.05)
