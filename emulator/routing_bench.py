@@ -3,8 +3,8 @@
 Simulation runs the fleet simulator in virtual time. ``--live`` starts real
 processes on loopback (emulated engines, the gateway, Envoy) and replays the
 same workload through Envoy. Load is a fraction of the fleet's capacity for
-that workload: N engines times one engine's saturation throughput, measured
-in simulation (a single engine offered far more than it can serve).
+that workload: N engines times the highest rate one engine sustains without
+its queue growing, measured in simulation.
 """
 
 from __future__ import annotations
@@ -17,23 +17,37 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from emulator.results import RequestOutcome, summarize
+from emulator.results import RequestOutcome, percentile, summarize
 from emulator.simulator import FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadRequest, WorkloadSpec, generate, read_trace
 
 
 def saturation_throughput(workload: str, profile: str, *, seed: int = 0, duration: float = 60.0) -> float:
-    """Requests per second one engine completes when offered more than it can serve."""
-    offered = 200.0
-    while True:
-        spec = WorkloadSpec(rate=offered, duration=duration, seed=seed)
-        result = FleetSimulator(FleetSpec(engines=1, profile=profile, metrics_interval=0)).run(
-            generate(workload, spec)
-        )
-        served = len(result.outcomes) / result.duration
-        if served < 0.8 * offered:  # saturated: the engine, not the offer, set the pace
-            return served
-        offered *= 4
+    """The highest arrival rate (requests/s) one engine keeps up with for ``workload``.
+
+    A rate is sustainable when requests arriving late in a run wait no longer than early ones (the queue
+    does not grow) and nothing is preempted; binary search between a sustainable and an unsustainable rate.
+    """
+
+    def sustainable(rate: float) -> bool:
+        trace = list(generate(workload, WorkloadSpec(rate=rate, duration=duration, seed=seed)))
+        result = FleetSimulator(FleetSpec(engines=1, profile=profile, metrics_interval=0)).run(trace)
+        outcomes = sorted(result.outcomes, key=lambda o: o.arrival)
+        third = max(1, len(outcomes) // 3)
+        early = percentile([o.ttft for o in outcomes[:third]], 50)
+        late = percentile([o.ttft for o in outcomes[-third:]], 50)
+        return late <= 2 * early + 0.25 and result.summary()["preemptions"] == 0
+
+    low, high = 0.0, 8.0
+    while sustainable(high):
+        low, high = high, high * 2
+    for _ in range(6):
+        middle = (low + high) / 2
+        if sustainable(middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def workload_spec(args: argparse.Namespace, capacity: float) -> WorkloadSpec:
