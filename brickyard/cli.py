@@ -8,8 +8,11 @@ brickyard emulator    one emulated vLLM engine
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ def _gateway(args: argparse.Namespace) -> None:
             "default_strategy": args.default_strategy,
             "log_level": args.log_level,
             "discovery.endpoints_file": args.endpoints,
+            "redis_url": args.redis_url,
         }.items()
         if value is not None
     }
@@ -93,6 +97,49 @@ def _emulator(args: argparse.Namespace) -> None:
     web.run_app(app.build(), host=args.host, port=args.port, access_log=None, print=None)
 
 
+def _sidecar(args: argparse.Namespace) -> None:
+    from runtime_sidecar.app import serve
+    from runtime_sidecar.config import SidecarSettings
+
+    overrides = {
+        key: value
+        for key, value in {
+            "engine_url": args.engine_url,
+            "engine": args.engine,
+            "pod": args.pod,
+            "namespace": args.namespace,
+            "model": args.model,
+            "gpu_type": args.gpu_type,
+            "redis_url": args.redis_url,
+            "interval_seconds": args.interval,
+            "listen_host": args.listen_host,
+            "port": args.port,
+            "adapter_dir": args.adapter_dir,
+            "max_adapters": args.max_adapters,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    if args.no_redis:
+        overrides["redis_url"] = None
+    try:
+        settings = typed_config.load(SidecarSettings, args.config, overrides)
+    except typed_config.ConfigError as exc:
+        sys.exit(f"brickyard sidecar: {exc}")
+    logs.setup("sidecar", settings.log_level)
+    uvloop.run(_until_signal(serve(settings)))
+
+
+async def _until_signal(main: Awaitable[None]) -> None:
+    """Run ``main`` until SIGTERM or SIGINT, then cancel it and let it clean up."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def _up(args: argparse.Namespace) -> None:
     from brickyard.stack import run_stack
 
@@ -116,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, run: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_, description=help_)
         sub.set_defaults(run=run)
-        sub.add_argument("--log-level", default=None if name == "gateway" else "info")
+        sub.add_argument("--log-level", default=None if name in ("gateway", "sidecar") else "info")
         return sub
 
     up = command("up", _up, "Run the local stack until Ctrl-C: Redis, engines, gateway, Envoy.")
@@ -135,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--metrics-port", type=int)
     gw.add_argument("--default-strategy")
     gw.add_argument("--endpoints", help="static endpoints file (YAML); implies discovery.source=static")
+    gw.add_argument("--redis-url", help="Redis with the sidecars' pod metrics (and the other gateways' load)")
     gw.add_argument(
         "--kubernetes", action="store_true", help="discover engine pods through the Kubernetes API"
     )
@@ -161,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("--ttft-ms", type=float, default=0.0, help="instant profile: time to first token")
     em.add_argument("--itl-ms", type=float, default=0.0, help="instant profile: time between output tokens")
+    sc = command("sidecar", _sidecar, "Run the runtime sidecar beside one engine.")
+    sc.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
+    sc.add_argument("--engine-url")
+    sc.add_argument("--engine", choices=["auto", "vllm", "sglang"])
+    sc.add_argument("--pod", help="pod name (default: $POD_NAME, else the host name)")
+    sc.add_argument("--namespace", help="pod namespace (default: $POD_NAMESPACE, else default)")
+    sc.add_argument("--model")
+    sc.add_argument("--gpu-type")
+    sc.add_argument("--redis-url")
+    sc.add_argument("--no-redis", action="store_true", help="do not publish (local /metrics only)")
+    sc.add_argument("--interval", type=float, help="seconds between scrapes (default 0.05)")
+    sc.add_argument("--listen-host")
+    sc.add_argument("--port", type=int)
+    sc.add_argument("--adapter-dir")
+    sc.add_argument("--max-adapters", type=int)
+
     bench = commands.add_parser("bench", help="Benchmarks.").add_subparsers(dest="benchmark", required=True)
     routing = bench.add_parser("routing", help="Strategies on a simulated or live fleet.")
     routing.set_defaults(run=_bench_routing)

@@ -6,12 +6,17 @@ into one ``PodMetrics`` record over a short trailing window. The runtime sidecar
 feeds it samples parsed from the engine's ``/metrics``; the fleet simulator
 feeds it samples read from its engine models: both produce records the same
 way, so strategies see the same numbers in production and in simulation.
+
+The bottom of this module is the Redis schema (keys, channels, TTLs, encoding)
+that the sidecar writes and the gateway reads; see docs/pod-metrics.md.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+import orjson
 
 
 @dataclass(slots=True, frozen=True)
@@ -24,6 +29,7 @@ class EngineSample:
     kv_usage: float
     prefix_queries: float = 0.0  # tokens looked up in the prefix cache
     prefix_hits: float = 0.0  # tokens found
+    prefix_hit_rate: float | None = None  # engines that report a rate, not counters (SGLang)
     prompt_tokens: float = 0.0
     generation_tokens: float = 0.0
     ttft_sum: float = 0.0  # histogram sums and counts, seconds
@@ -74,8 +80,8 @@ class MetricsWindow:
 
     def update(self, sample: EngineSample) -> PodMetrics:
         samples = self._samples
-        if samples and sample.prompt_tokens < samples[-1].prompt_tokens:
-            samples.clear()  # the engine restarted: counters began again from zero
+        if samples and _restarted(samples[-1], sample):
+            samples.clear()  # counters began again from zero: a fresh window, not negative rates
         samples.append(sample)
         while len(samples) > 2 and sample.timestamp - samples[1].timestamp >= self.window:
             samples.popleft()
@@ -95,7 +101,13 @@ class MetricsWindow:
             waiting=sample.waiting,
             running=sample.running,
             kv_usage=sample.kv_usage,
-            prefix_hit_rate=(sample.prefix_hits - first.prefix_hits) / queries if queries > 0 else 0.0,
+            prefix_hit_rate=(
+                sample.prefix_hit_rate
+                if sample.prefix_hit_rate is not None
+                else (sample.prefix_hits - first.prefix_hits) / queries
+                if queries > 0
+                else 0.0
+            ),
             prompt_tps=rate("prompt_tokens"),
             generation_tps=rate("generation_tokens"),
             ttft_mean=mean("ttft_sum", "ttft_count"),
@@ -109,3 +121,50 @@ class MetricsWindow:
             gpu_type=self.gpu_type,
             engine_type=self.engine_type,
         )
+
+
+def _restarted(before: EngineSample, after: EngineSample) -> bool:
+    return (
+        after.prompt_tokens < before.prompt_tokens
+        or after.generation_tokens < before.generation_tokens
+        or after.prefix_queries < before.prefix_queries
+    )
+
+
+# -- Redis: the one place producer (sidecar) and consumers (gateway, controllers) agree on --------------
+
+#: ``SET brickyard:pod:<namespace>/<name> <record JSON> PX <ttl>``: the latest record of each pod. A record
+#: outlives its pod by at most the TTL, so a dead engine's pod vanishes from Redis on its own.
+POD_KEY_PREFIX = "brickyard:pod:"
+#: Every record is also ``PUBLISH``ed here, so readers learn of it within a millisecond instead of polling.
+POD_CHANNEL = "brickyard:pods"
+#: Gateways ``PUBLISH`` their own in-flight counts here (``{"gateway", "ts", "inflight": {pod key: n}}``),
+#: so that several gateway replicas behind one Envoy see each other's load.
+INFLIGHT_CHANNEL = "brickyard:inflight"
+DEFAULT_TTL_SECONDS = 10.0
+#: A record older than this is *unknown* to routing: never read as saturated, never read as idle.
+DEFAULT_STALE_SECONDS = 2.0
+
+_FIELDS = tuple(PodMetrics.__dataclass_fields__)
+
+
+def pod_key(namespace: str, name: str) -> str:
+    """The Redis key of a pod's record; also the pod's identity inside published messages."""
+    return f"{POD_KEY_PREFIX}{namespace}/{name}"
+
+
+def encode_record(namespace: str, name: str, metrics: PodMetrics) -> bytes:
+    """A record as stored and published: the pod's identity plus every ``PodMetrics`` field."""
+    return orjson.dumps({"namespace": namespace, "pod": name, **{f: getattr(metrics, f) for f in _FIELDS}})
+
+
+def decode_record(data: bytes | str) -> tuple[str, str, PodMetrics]:
+    """(namespace, pod name, metrics); raises ``ValueError`` on a malformed record."""
+    try:
+        raw = orjson.loads(data)
+        fields = {f: raw[f] for f in _FIELDS if f in raw}
+        for name in ("running_adapters", "waiting_adapters"):
+            fields[name] = tuple(fields.get(name, ()))
+        return raw["namespace"], raw["pod"], PodMetrics(**fields)
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed pod-metrics record: {exc}") from exc

@@ -171,6 +171,36 @@ class Stack:
         )
         return engine
 
+    def start_sidecar(
+        self, engine: Engine, redis_port: int | None, *extra: str, namespace: str = "default"
+    ) -> int:
+        """The runtime sidecar of ``engine`` (pod name = engine name); returns its HTTP port."""
+        port = free_port()
+        redis = ["--redis-url", f"redis://{LOOPBACK}:{redis_port}/0"] if redis_port else ["--no-redis"]
+        self.spawn(
+            f"{engine.name}-sidecar",
+            [
+                *_brickyard(),
+                "sidecar",
+                "--engine-url",
+                engine.url,
+                "--pod",
+                engine.name,
+                "--namespace",
+                namespace,
+                "--listen-host",
+                LOOPBACK,
+                "--port",
+                str(port),
+                "--adapter-dir",
+                str(self.workdir / "adapters"),
+                *redis,
+                *extra,
+            ],
+            ready=lambda: _http_ok(port, "/ready"),
+        )
+        return port
+
     def write_endpoints(self, engines: Sequence[Engine], model: str, path: Path | None = None) -> Path:
         path = path or self.workdir / "endpoints.yaml"
         pods = [{"name": e.name, "address": e.address, "model": model} for e in engines]
@@ -187,6 +217,7 @@ class Stack:
         name: str = "gateway",
         log_level: str = "info",
         env: dict[str, str] | None = None,
+        redis_port: int | None = None,
     ) -> GatewayPorts:
         """Start a gateway; with ``endpoints=None`` pass the discovery flags in ``extra``."""
         ports = GatewayPorts(free_port(), free_port(), free_port())
@@ -206,6 +237,7 @@ class Stack:
                 "--metrics-port",
                 str(ports.metrics),
                 *(["--endpoints", str(endpoints)] if endpoints else []),
+                *(["--redis-url", f"redis://{LOOPBACK}:{redis_port}/0"] if redis_port else []),
                 "--log-level",
                 log_level,
                 *extra,
@@ -358,13 +390,17 @@ def run_stack(*, engines: int, port: int, contract: str, model: str, profile: st
             stack.start_engine(f"engine-{i}", model, None, "--profile", profile, "--enable-lora")
             for i in range(engines)
         ]
+        sidecars = [stack.start_sidecar(engine, redis_port) for engine in started]
         endpoints = stack.write_endpoints(started, model)
-        gateway = stack.start_gateway(contract, endpoints)
+        gateway = stack.start_gateway(contract, endpoints, redis_port=redis_port)
         stack.start_envoy(contract, gateway.grpc, started, port)
+        for engine, sidecar in zip(started, sidecars, strict=True):
+            print(f"  {engine.name}: engine {engine.url}, sidecar http://{LOOPBACK}:{sidecar}", flush=True)
         print(
             f"Brickyard is ready: OpenAI base URL http://{LOOPBACK}:{port}/v1 "
             f"(model {model}, {engines} {profile} engines, {contract} contract; redis :{redis_port}, "
-            f"gateway :{gateway.grpc}, logs in {stack.workdir})",
+            f"gateway :{gateway.grpc}, metrics http://{LOOPBACK}:{gateway.metrics}/metrics, "
+            f"logs in {stack.workdir})",
             flush=True,
         )
         while not stopping:

@@ -17,6 +17,7 @@ from gateway_plugins.discovery.static import StaticDiscovery
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
 from gateway_plugins.health import HealthServer
 from gateway_plugins.metrics import PodCollector, metrics_app
+from gateway_plugins.pod_metrics_store import PodMetricsStore
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.strategies import build_strategies
 from gateway_plugins.transport.server import GrpcServer
@@ -44,9 +45,9 @@ class Gateway:
         )
         self.health = HealthServer()
         self.metrics = CollectorRegistry()
-        self.metrics.register(PodCollector(self.pods))
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics_store: PodMetricsStore | None = None
         self.grpc_port = self.health_port = self.metrics_port = 0
 
     async def start(self) -> None:
@@ -68,6 +69,15 @@ class Gateway:
             self._tasks.append(asyncio.create_task(kube.run(), name="kubernetes-discovery"))
             # Not serving before the first list: routing on an empty view would 404 every model.
             await kube.synced.wait()
+        if s.redis_url:
+            self.metrics_store = PodMetricsStore(
+                self.pods,
+                s.redis_url,
+                stale_seconds=s.metrics_stale_seconds,
+                share_interval=s.inflight_share_seconds,
+            )
+            self._tasks.append(asyncio.create_task(self.metrics_store.run(), name="pod-metrics"))
+        self.metrics.register(PodCollector(self.pods, self.metrics_store))
         self.grpc_port = await self.grpc.start(s.listen_host, s.grpc_port)
         self.health_port = await self.health.start(s.listen_host, s.health_port)
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)

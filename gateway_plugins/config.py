@@ -57,6 +57,12 @@ class GatewaySettings:
     epp_fallbacks: int = 2
     #: Seconds to let open streams finish after SIGTERM.
     drain_seconds: float = 20.0
+    #: Redis with the sidecars' pod-metrics records and other gateways' in-flight counts; unset: neither.
+    redis_url: str | None = None
+    #: A pod-metrics record older than this is unknown to routing (never read as saturated).
+    metrics_stale_seconds: float = 2.0
+    #: Seconds between reports of this gateway's in-flight counts to the other replicas.
+    inflight_share_seconds: float = 0.05
     #: Log level; ``debug`` logs one line per request.
     log_level: str = "info"
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)

@@ -6,29 +6,59 @@ the request path pays nothing for them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway_plugins.discovery.registry import PodRegistry
+from gateway_plugins.pod_metrics_store import PodMetricsStore
 
 
 class PodCollector(Collector):
-    def __init__(self, pods: PodRegistry) -> None:
+    def __init__(self, pods: PodRegistry, store: PodMetricsStore | None = None) -> None:
         self.pods = pods
+        self.store = store
 
     def collect(self) -> Iterator[Metric]:
+        labels = ["namespace", "pod", "model"]
         inflight = GaugeMetricFamily(
             "brickyard_pod_inflight_requests",
             "Requests this gateway has routed to the pod that have not finished.",
-            labels=["namespace", "pod", "model"],
+            labels=labels,
         )
+        remote = GaugeMetricFamily(
+            "brickyard_pod_remote_inflight_requests",
+            "Requests in flight to the pod from the other gateway replicas, as they last reported.",
+            labels=labels,
+        )
+        age = GaugeMetricFamily(
+            "brickyard_pod_metrics_age_seconds",
+            "Age of the pod's metrics record (absent when unknown or stale).",
+            labels=labels,
+        )
+        now = time.time()
         for state in self.pods.states():
-            inflight.add_metric([state.namespace, state.name, state.model], state.inflight)
+            values = [state.namespace, state.name, state.model]
+            inflight.add_metric(values, state.inflight)
+            remote.add_metric(values, state.remote_inflight)
+            if state.metrics is not None:
+                age.add_metric(values, now - state.metrics.timestamp)
         yield inflight
+        yield remote
+        yield age
+        if self.store is not None:
+            yield CounterMetricFamily(
+                "brickyard_pod_metrics_records",
+                "Pod-metrics records applied.",
+                value=self.store.records_received,
+            )
+            yield CounterMetricFamily(
+                "brickyard_redis_errors", "Failed Redis operations.", value=self.store.redis_errors
+            )
         ready = GaugeMetricFamily("brickyard_model_ready_pods", "Ready pods per model.", labels=["model"])
         for model in self.pods.serving_models():
             ready.add_metric([model], len(self.pods.ready_pods(model)))

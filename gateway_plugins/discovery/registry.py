@@ -38,6 +38,7 @@ class PodRegistry:
         self._infos: dict[PodKey, PodInfo] = {}
         self._states: dict[PodKey, PodState] = {}
         self._ready: dict[str, tuple[PodState, ...]] = {}
+        self._unavailable: set[PodKey] = set()  # ready per discovery, but its engine is known to be down
         self._listeners: list[Callable[[], None]] = []
 
     # -- updates from discovery ----------------------------------------------------
@@ -62,6 +63,17 @@ class PodRegistry:
             self._states.pop(key, None)
             self._rebuild()
 
+    def set_available(self, namespace: str, name: str, available: bool) -> None:
+        """Take a pod out of routing (its engine stopped answering) or put it back; discovery is unchanged."""
+        key = (namespace, name)
+        if available == (key not in self._unavailable):
+            return
+        if available:
+            self._unavailable.discard(key)
+        else:
+            self._unavailable.add(key)
+        self._rebuild()
+
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
@@ -69,6 +81,9 @@ class PodRegistry:
 
     def ready_pods(self, model: str) -> Sequence[PodState]:
         return self._ready.get(model, ())
+
+    def is_available(self, namespace: str, name: str) -> bool:
+        return (namespace, name) not in self._unavailable
 
     def knows_model(self, model: str) -> bool:
         return any(info.model == model for info in self._infos.values())
@@ -79,6 +94,9 @@ class PodRegistry:
 
     def states(self) -> list[PodState]:
         return list(self._states.values())
+
+    def state(self, namespace: str, name: str) -> PodState | None:
+        return self._states.get((namespace, name))
 
     # -- internals -------------------------------------------------------------------
 
@@ -94,7 +112,7 @@ class PodRegistry:
     def _rebuild(self) -> None:
         ready: dict[str, list[PodState]] = {}
         for key, info in self._infos.items():
-            if info.ready:
+            if info.ready and key not in self._unavailable:
                 ready.setdefault(info.model, []).append(self._states[key])
         self._ready = {model: tuple(sorted(pods, key=lambda p: p.name)) for model, pods in ready.items()}
         for listener in self._listeners:

@@ -46,16 +46,17 @@ class RandomStrategy(Stateless):
 
 
 class LeastRequestStrategy(Stateless):
-    """Fewest requests in flight from this gateway; ties broken at random.
+    """Fewest requests in flight; ties broken at random.
 
-    The count rises at the moment of selection, so a burst arriving together
-    spreads across pods instead of piling onto the one that looked idle.
+    Counts this gateway's own requests, which rise at the moment of selection
+    (a burst arriving together spreads across pods instead of piling onto the
+    one that looked idle), plus what the other gateway replicas last reported.
     """
 
     name: ClassVar[str] = "least-request"
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
-        return [-pod.inflight for pod in pods]
+        return [-(pod.inflight + pod.remote_inflight) for pod in pods]
 
 
 STRATEGY_FACTORIES: dict[str, Callable[[], Strategy]] = {

@@ -87,6 +87,8 @@ class PodState:
     namespace: str = "default"
     labels: Mapping[str, str] = field(default_factory=dict)
     inflight: int = 0
+    #: In flight to this pod from the other gateway replicas, as they last reported.
+    remote_inflight: int = 0
     #: The latest pod-metrics record (sidecar in production, engine model in the simulator); None = unknown.
     metrics: PodMetrics | None = None
     #: Encoded ext_proc replies that only depend on this pod, keyed by the encoder.

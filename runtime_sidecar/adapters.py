@@ -1,0 +1,122 @@
+"""LoRA adapters on the engine, managed through the sidecar: fetch the artifact, load, verify, unload.
+
+Loading is idempotent (an adapter the engine already serves is a success),
+and every failure is a clear ``AdapterError`` carrying the HTTP status to
+answer with: a bad request (400), a missing artifact (404), a full engine
+(409), a corrupt download (422), an engine that refuses (502) or does not
+answer (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+
+from runtime_sidecar.artifacts import ArtifactError, fetch_artifact
+from runtime_sidecar.config import SidecarSettings
+
+log = logging.getLogger(__name__)
+
+#: HTTP status for each way an artifact can fail to arrive.
+_ARTIFACT_STATUS = {"bad_url": 400, "unsupported": 400, "not_found": 404, "checksum": 422, "transfer": 502}
+
+
+class AdapterError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        session: aiohttp.ClientSession,
+        engine_max_loras: Callable[[], int],
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.engine_max_loras = engine_max_loras
+        self.cache_dir = Path(settings.adapter_dir)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def models(self) -> dict:
+        """The engine's ``/v1/models`` (base model and loaded adapters)."""
+        return await self._engine("GET", "/v1/models")
+
+    async def loaded(self) -> list[str]:
+        """Adapters the engine serves now (model cards with a parent)."""
+        return [card["id"] for card in (await self.models()).get("data", []) if card.get("parent")]
+
+    async def load(
+        self,
+        name: str,
+        *,
+        artifact_url: str | None = None,
+        lora_path: str | None = None,
+        credentials: Mapping[str, str] | None = None,
+    ) -> dict:
+        if not name:
+            raise AdapterError(400, "invalid_request", "lora_name is required")
+        if bool(artifact_url) == bool(lora_path):
+            raise AdapterError(400, "invalid_request", "give exactly one of artifact_url and lora_path")
+        async with self._lock(name):
+            loaded = await self.loaded()
+            if name in loaded:
+                return {"lora_name": name, "status": "already_loaded"}
+            capacity = self.settings.max_adapters or self.engine_max_loras()
+            if capacity and len(loaded) >= capacity:
+                raise AdapterError(
+                    409,
+                    "adapter_capacity_exceeded",
+                    f"the engine already holds {len(loaded)} adapters (max {capacity}); unload one first",
+                )
+            source = artifact_url or lora_path or ""
+            try:
+                path = await fetch_artifact(source, self.cache_dir, name=name, credentials=credentials)
+            except ArtifactError as exc:
+                raise AdapterError(
+                    _ARTIFACT_STATUS.get(exc.kind, 502), f"artifact_{exc.kind}", str(exc)
+                ) from exc
+            await self._engine("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+            if name not in await self.loaded():
+                raise AdapterError(502, "engine_refused", f"the engine accepted {name} but does not list it")
+            log.info("adapter loaded", extra={"adapter": name, "path": str(path)})
+            return {"lora_name": name, "status": "loaded", "path": str(path)}
+
+    async def unload(self, name: str, *, cleanup_local: bool = False) -> dict:
+        if not name:
+            raise AdapterError(400, "invalid_request", "lora_name is required")
+        async with self._lock(name):
+            if name in await self.loaded():
+                await self._engine("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+                status = "unloaded"
+            else:
+                status = "not_loaded"
+            local = self.cache_dir / name
+            if cleanup_local and local.is_dir():
+                await asyncio.to_thread(shutil.rmtree, local)
+            log.info("adapter unloaded", extra={"adapter": name, "status": status, "cleanup": cleanup_local})
+            return {"lora_name": name, "status": status}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _engine(self, method: str, path: str, body: dict | None = None) -> dict:
+        url = f"{self.settings.engine_url}{path}"
+        try:
+            async with self.session.request(method, url, json=body) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    raise AdapterError(
+                        502, "engine_refused", f"the engine answered {response.status}: {text}"
+                    )
+                return await response.json(content_type=None) if path == "/v1/models" else {"message": text}
+        except aiohttp.ClientError as exc:
+            raise AdapterError(503, "engine_unavailable", f"the engine did not answer: {exc}") from exc

@@ -1,0 +1,41 @@
+"""Every runtime sidecar setting, with its default, in one place (documented in docs/configuration.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SidecarSettings:
+    #: Base URL of the engine this sidecar runs beside.
+    engine_url: str = "http://127.0.0.1:8000"
+    #: Engine type; ``auto`` detects it from the metric names.
+    engine: Literal["auto", "vllm", "sglang"] = "auto"
+    #: Identity of the pod, as discovery knows it (Kubernetes: the downward API's POD_NAME / POD_NAMESPACE).
+    pod: str = field(default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname())
+    namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
+    #: Model the engine serves (informational; routing keys on the pod).
+    model: str = ""
+    #: GPU type published with every record (heterogeneous fleets route on it).
+    gpu_type: str = ""
+    #: Where records go; unset runs without publishing (local /metrics only).
+    redis_url: str | None = "redis://127.0.0.1:6379/0"
+    #: Seconds between scrapes, one record published per scrape.
+    interval_seconds: float = 0.05
+    #: Seconds a record lives in Redis without being refreshed.
+    ttl_seconds: float = 10.0
+    #: Trailing window of the rates and means in each record.
+    window_seconds: float = 2.0
+    #: A scrape slower than this counts as a failure (the engine is marked unhealthy).
+    scrape_timeout_seconds: float = 1.0
+    #: Address and port of the sidecar's own HTTP API.
+    listen_host: str = "0.0.0.0"
+    port: int = 8090
+    #: Where downloaded adapters are kept.
+    adapter_dir: str = "/var/lib/brickyard/adapters"
+    #: Adapters this engine may hold at once; unset uses the engine's own max LoRAs (from its metrics).
+    max_adapters: int | None = None
+    log_level: str = "info"
