@@ -216,7 +216,8 @@ def report(result: dict, pods: int, interval: float) -> str:
         )
     lines += [
         "",
-        f"Cost per published record: sidecar publisher process {result['publisher_cpu_us_per_record']:.0f} us of CPU "
+        "Cost per published record: sidecar publisher process "
+        f"{result['publisher_cpu_us_per_record']:.0f} us of CPU "
         f"(scrape, parse with the official Prometheus parser, window, one pipelined round trip; the "
         f"synthetic engines run in the same process and are included), Redis "
         f"{result['redis_cpu_us_per_record']:.0f} us.",
