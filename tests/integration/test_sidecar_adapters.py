@@ -95,9 +95,8 @@ def test_load_from_a_local_path_is_idempotent_and_unloads(
     assert "sql" in engine_models(lora_engine)
     again = call(sidecar, "load", {"lora_name": "sql", "lora_path": str(path)})
     assert (again.status_code, again.json()["status"]) == (200, "already_loaded")
-    assert [m for m in httpx.get(f"{sidecar}/v1/models").json()["data"] if m["id"] == "sql"][0][
-        "parent"
-    ] == MODEL
+    cards = httpx.get(f"{sidecar}/v1/models").json()["data"]
+    assert next(m for m in cards if m["id"] == "sql")["parent"] == MODEL
     done = call(sidecar, "unload", {"lora_name": "sql"})
     assert (done.status_code, done.json()["status"]) == (200, "unloaded")
     assert "sql" not in engine_models(lora_engine)
