@@ -77,7 +77,7 @@ class Gateway:
                 share_interval=s.inflight_share_seconds,
             )
             self._tasks.append(asyncio.create_task(self.metrics_store.run(), name="pod-metrics"))
-        self.metrics.register(PodCollector(self.pods, self.metrics_store))
+        self.metrics.register(PodCollector(self.pods, self.router, self.metrics_store))
         self.grpc_port = await self.grpc.start(s.listen_host, s.grpc_port)
         self.health_port = await self.health.start(s.listen_host, s.health_port)
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)

@@ -16,11 +16,13 @@ from prometheus_client.registry import Collector
 
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.pod_metrics_store import PodMetricsStore
+from gateway_plugins.routing.router import Router
 
 
 class PodCollector(Collector):
-    def __init__(self, pods: PodRegistry, store: PodMetricsStore | None = None) -> None:
+    def __init__(self, pods: PodRegistry, router: Router, store: PodMetricsStore | None = None) -> None:
         self.pods = pods
+        self.router = router
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
@@ -50,6 +52,11 @@ class PodCollector(Collector):
         yield inflight
         yield remote
         yield age
+        yield CounterMetricFamily(
+            "brickyard_routing_unknown_metrics_decisions",
+            "Decisions by a metrics-reading strategy while a candidate pod's metrics were unknown or stale.",
+            value=self.router.decisions_with_unknown_metrics,
+        )
         if self.store is not None:
             yield CounterMetricFamily(
                 "brickyard_pod_metrics_records",

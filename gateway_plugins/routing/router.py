@@ -39,6 +39,8 @@ class Router:
                 raise ValueError(f"unknown routing strategy {name!r} in configuration")
         self.default_strategy = self.strategies[default_strategy]
         self.model_strategies = {m: self.strategies[s] for m, s in (model_strategies or {}).items()}
+        #: Decisions by a metric-reading strategy while some candidate's metrics were unknown.
+        self.decisions_with_unknown_metrics = 0
 
     def strategy(self, name: str) -> Strategy:
         """The strategy a ``routing-strategy`` header names; 400 if there is none."""
@@ -88,6 +90,8 @@ class Router:
                 )
         if strategy is None:
             strategy = self.model_strategies.get(request.model, self.default_strategy)
+        if strategy.uses_metrics and any(pod.metrics is None for pod in pods):
+            self.decisions_with_unknown_metrics += 1
         order = rank(strategy.score(request, pods), 1 + fallbacks)
         chosen = pods[order[0]]
         chosen.inflight += 1

@@ -18,6 +18,9 @@ from gateway_plugins.routing.types import PodState, RoutingRequest
 
 class Strategy(Protocol):
     name: ClassVar[str]
+    #: Whether ``score`` reads ``PodState.metrics``; the router counts its decisions made while some
+    #: candidate's metrics were unknown (``None``: no record yet, or older than the staleness bound).
+    uses_metrics: ClassVar[bool]
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         """One score per pod, higher is better."""
@@ -30,6 +33,8 @@ class Strategy(Protocol):
 
 class Stateless:
     """Base for strategies with nothing to learn from their decisions."""
+
+    uses_metrics: ClassVar[bool] = False
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
         return None

@@ -100,7 +100,7 @@ def test_brickyard_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         )
         assert chunks[-1].choices[0].finish_reason == "length"
         children = _children(process.pid)
-        assert len(children) == 5  # redis, 2 engines, gateway, envoy
+        assert len(children) == 7  # redis, 2 engines, 2 sidecars, gateway, envoy
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0, "".join(lines)

@@ -522,13 +522,18 @@ def test_patch_helpers_directly() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def delete_raw(core: client.CoreV1Api, name: str) -> dict:
+    """DELETE a ConfigMap and read the body as JSON (client versions type it as V1Status or dict)."""
+    return json.loads(core.delete_namespaced_config_map(name, "default", _preload_content=False).data)
+
+
 def test_delete_without_finalizers(core: client.CoreV1Api, server: KubeApiServer) -> None:
     created = core.create_namespaced_pod("default", pod("p1"))
     deleted = core.delete_namespaced_pod("p1", "default")
     assert isinstance(deleted, client.V1Pod)  # pods answer with the object
     assert int(deleted.metadata.resource_version) > int(created.metadata.resource_version)
     core.create_namespaced_config_map("default", configmap("c1"))
-    status = core.delete_namespaced_config_map("c1", "default")  # others answer with a Status
+    status = delete_raw(core, "c1")  # others answer with a Status
     assert server.requests[-1].method == "DELETE"
     assert status["kind"] == "Status" and status["status"] == "Success"
     assert status["details"]["name"] == "c1"
@@ -551,15 +556,13 @@ def test_delete_with_finalizers_waits_for_them(core: client.CoreV1Api, server: K
     created = core.create_namespaced_config_map(
         "default", configmap("c1", finalizers=["brickyard.dev/cleanup"])
     )
-    pending = core.delete_namespaced_config_map("c1", "default")
+    pending = delete_raw(core, "c1")
     assert pending["metadata"]["deletionTimestamp"]
     assert pending["metadata"]["deletionGracePeriodSeconds"] == 0
     stored = core.read_namespaced_config_map("c1", "default")
     assert stored.metadata.deletion_timestamp is not None
     # Deleting again changes nothing; adding finalizers is forbidden now.
-    assert core.delete_namespaced_config_map("c1", "default")["metadata"]["resourceVersion"] == (
-        stored.metadata.resource_version
-    )
+    assert delete_raw(core, "c1")["metadata"]["resourceVersion"] == (stored.metadata.resource_version)
     more = {"metadata": {"finalizers": ["brickyard.dev/cleanup", "x.example/more"]}}
     expect_status(
         lambda: core.patch_namespaced_config_map(

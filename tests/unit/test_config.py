@@ -58,5 +58,8 @@ def test_every_setting_is_documented() -> None:
     settings = GatewaySettings()
     names = [f"`{name}`" for name in vars(settings) if name != "discovery"]
     names += [f"`discovery.{name}`" for name in vars(settings.discovery)]
+    from runtime_sidecar.config import SidecarSettings
+
+    names += [f"`{name}`" for name in vars(SidecarSettings())]
     missing = [name for name in names if name not in doc]
     assert not missing, f"undocumented settings: {missing}"

@@ -102,3 +102,36 @@ def test_fallbacks_are_distinct_and_ranked() -> None:
     assert sorted(names) == ["p0", "p1", "p2"]
     assert decision.pod.inflight == 1
     assert all(p.inflight == 0 for p in decision.fallbacks)
+
+
+class MetricsReader(LeastRequestStrategy):
+    name = "metrics-reader"
+    uses_metrics = True
+
+
+def test_decisions_with_unknown_metrics_are_counted() -> None:
+    from brickyard.podmetrics import PodMetrics
+
+    registry = PodRegistry()
+    registry.replace_all(pods(2))
+    r = Router(registry, {**build_strategies(), "metrics-reader": MetricsReader()}, default_strategy="random")
+    r.route(RoutingRequest("m"))
+    assert r.decisions_with_unknown_metrics == 0  # random does not read metrics
+    r.route(RoutingRequest("m"), r.strategy("metrics-reader"))
+    assert r.decisions_with_unknown_metrics == 1
+    for state in registry.ready_pods("m"):
+        state.metrics = PodMetrics(timestamp=1.0)
+    r.route(RoutingRequest("m"), r.strategy("metrics-reader"))
+    assert r.decisions_with_unknown_metrics == 1
+
+
+def test_unavailable_pods_leave_routing_until_they_come_back() -> None:
+    r = router(2)
+    r.registry.set_available("default", "p0", False)
+    assert {r.route(RoutingRequest("m")).pod.name for _ in range(10)} == {"p1"}
+    r.registry.set_available("default", "p1", False)
+    with pytest.raises(GatewayError) as info:
+        r.route(RoutingRequest("m"))
+    assert info.value.status == 503
+    r.registry.set_available("default", "p0", True)
+    assert r.route(RoutingRequest("m")).pod.name == "p0"
