@@ -236,7 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     routing.add_argument("--trace", help="JSONL trace to replay instead of a generated workload")
     routing.add_argument("--engines", type=int, default=4)
-    routing.add_argument("--strategy", default="least-request", help="strategy, or a comma-separated list")
+    routing.add_argument(
+        "--strategy",
+        action="append",
+        help="strategy, preset or weighted combination; repeat to compare several (default least-request)",
+    )
+    routing.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="workload knob (emulator.workloads.WorkloadSpec), e.g. shared_prefixes=128; repeatable",
+    )
     routing.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (virtual)")
     routing.add_argument("--load", type=float, default=0.5, help="fraction of the fleet's capacity")
     routing.add_argument("--profile", default="llama-3.1-8b_h100")

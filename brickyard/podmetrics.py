@@ -43,6 +43,8 @@ class EngineSample:
     max_loras: int = 0
     block_size: int = 0
     num_blocks: int = 0
+    #: LoRA adapters registered with the engine (its ``/v1/models``), whether or not in a GPU slot now.
+    adapters: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,11 +62,13 @@ class PodMetrics:
     ttft_mean: float = 0.0  # seconds
     tpot_mean: float = 0.0  # seconds per output token (inter-token latency)
     queue_mean: float = 0.0  # seconds waiting before scheduling
-    running_adapters: tuple[str, ...] = ()
-    waiting_adapters: tuple[str, ...] = ()
-    max_loras: int = 0
-    block_size: int = 0
-    num_blocks: int = 0
+    prompt_tokens_mean: float = 0.0  # prompt tokens per request that got its first token
+    running_adapters: tuple[str, ...] = ()  # LoRA adapters of requests in the running batch
+    waiting_adapters: tuple[str, ...] = ()  # ... and of queued requests
+    max_loras: int = 0  # LoRA slots on the GPU (0: LoRA disabled or unknown)
+    adapters: tuple[str, ...] = ()  # LoRA adapters registered with the engine
+    block_size: int = 0  # tokens per KV block
+    num_blocks: int = 0  # KV blocks in the GPU cache (0: unknown)
     gpu_type: str = ""
     engine_type: str = "vllm"
 
@@ -113,9 +117,11 @@ class MetricsWindow:
             ttft_mean=mean("ttft_sum", "ttft_count"),
             tpot_mean=mean("itl_sum", "itl_count"),
             queue_mean=mean("queue_sum", "queue_count"),
+            prompt_tokens_mean=mean("prompt_tokens", "ttft_count"),
             running_adapters=sample.running_adapters,
             waiting_adapters=sample.waiting_adapters,
             max_loras=sample.max_loras,
+            adapters=sample.adapters,
             block_size=sample.block_size,
             num_blocks=sample.num_blocks,
             gpu_type=self.gpu_type,
@@ -163,7 +169,7 @@ def decode_record(data: bytes | str) -> tuple[str, str, PodMetrics]:
     try:
         raw = orjson.loads(data)
         fields = {f: raw[f] for f in _FIELDS if f in raw}
-        for name in ("running_adapters", "waiting_adapters"):
+        for name in ("running_adapters", "waiting_adapters", "adapters"):
             fields[name] = tuple(fields.get(name, ()))
         return raw["namespace"], raw["pod"], PodMetrics(**fields)
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:

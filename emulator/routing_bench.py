@@ -10,19 +10,29 @@ its queue growing, measured in simulation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from emulator.oracle import oracle_hit_rate
 from emulator.results import RequestOutcome, percentile, summarize
 from emulator.simulator import FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadRequest, WorkloadSpec, generate, read_trace
 
 
-def saturation_throughput(workload: str, profile: str, *, seed: int = 0, duration: float = 60.0) -> float:
+def saturation_throughput(
+    workload: str,
+    profile: str,
+    *,
+    seed: int = 0,
+    duration: float = 60.0,
+    options: Mapping[str, Any] | None = None,
+) -> float:
     """The highest arrival rate (requests/s) one engine keeps up with for ``workload``.
 
     A rate is sustainable when requests arriving late in a run wait no longer than early ones (the queue
@@ -30,7 +40,9 @@ def saturation_throughput(workload: str, profile: str, *, seed: int = 0, duratio
     """
 
     def sustainable(rate: float) -> bool:
-        trace = list(generate(workload, WorkloadSpec(rate=rate, duration=duration, seed=seed)))
+        trace = list(
+            generate(workload, WorkloadSpec(rate=rate, duration=duration, seed=seed, **(options or {})))
+        )
         result = FleetSimulator(FleetSpec(engines=1, profile=profile, metrics_interval=0)).run(trace)
         outcomes = sorted(result.outcomes, key=lambda o: o.arrival)
         third = max(1, len(outcomes) // 3)
@@ -50,9 +62,25 @@ def saturation_throughput(workload: str, profile: str, *, seed: int = 0, duratio
     return low
 
 
+def workload_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> WorkloadSpec overrides, typed like the fields they set."""
+    fields = {f.name: f for f in dataclasses.fields(WorkloadSpec)}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields or key in ("rate", "duration", "seed", "model"):
+            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE with KEY one of the workload knobs")
+        options[key] = float(value) if fields[key].type in ("float", float) else int(value)
+    return options
+
+
 def workload_spec(args: argparse.Namespace, capacity: float) -> WorkloadSpec:
     return WorkloadSpec(
-        rate=args.load * capacity * args.engines, duration=args.duration, seed=args.seed, model=args.model
+        rate=args.load * capacity * args.engines,
+        duration=args.duration,
+        seed=args.seed,
+        model=args.model,
+        **workload_options(args.option),
     )
 
 
@@ -178,14 +206,18 @@ def plot_ttft(results: dict[str, dict[str, Any]], path: Path, title: str) -> Non
 
 
 def main(args: argparse.Namespace) -> None:
-    capacity = saturation_throughput(args.workload, args.profile, seed=args.seed)
+    capacity = saturation_throughput(
+        args.workload, args.profile, seed=args.seed, options=workload_options(args.option)
+    )
     spec = workload_spec(args, capacity)
     workload = requests(args, spec)
+    oracle = oracle_hit_rate(workload)
+    print(f"{len(workload)} requests at {spec.rate:.1f} req/s; oracle prefix-cache hit rate {oracle:.3f}")
     run = run_live if args.live else run_simulated
     results: dict[str, dict[str, Any]] = {}
-    for strategy in args.strategy.split(","):
+    for strategy in args.strategy or ["least-request"]:
         started = time.perf_counter()
-        results[strategy] = run(args, strategy.strip(), workload)
+        results[strategy] = run(args, strategy, workload)
         summary = results[strategy]["summary"]
         print(
             f"{strategy:>16}: TTFT p50 {summary['ttft_p50_ms']:8.1f} ms  "
@@ -203,6 +235,7 @@ def main(args: argparse.Namespace) -> None:
         "load": args.load,
         "capacity_per_engine_rps": capacity,
         "offered_rps": spec.rate,
+        "oracle_hit_rate": oracle,
         "requests": len(workload),
         "workload_spec": asdict(spec),
         "results": {name: result["summary"] for name, result in results.items()},

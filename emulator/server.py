@@ -6,6 +6,12 @@ emulator is what they see in production. Also served: ``/tokenize``,
 ``/v1/completions/render`` and ``/v1/chat/completions/render`` (token ids),
 and ``/get_load``, which peer routers call; ``/emulator/status`` reports how far
 behind real time the engine loop runs.
+
+``/get_load`` has two shapes because the peers disagree on it: vllm-router parses
+the old SGLang ``{"load": N}``, sglang-router (0.3+) only SGLang's newer list with
+one entry per DP rank and sums its ``num_tokens`` (anything else reads as load -1).
+``POST /emulator/load_format {"format": "load" | "sglang"}`` picks one at run time,
+so one engine can serve either router; ``"load"`` is the default.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from emulator.backend import Backend, GenerationRequest
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 DEFAULT_MAX_TOKENS = 16
+LOAD_FORMATS = ("load", "sglang")
 
 
 class EngineError(Exception):
@@ -74,6 +81,7 @@ class EmulatorApp:
         self.enable_lora = enable_lora
         self.adapters: dict[str, str] = {}  # name -> local path, in load order
         self.created = int(time.time())
+        self.load_format = "load"  # the shape of /get_load, see the module docstring
         self._headers = {"x-emulator-pod": pod_name} if pod_name else {}
 
     def build(self) -> web.Application:
@@ -87,6 +95,7 @@ class EmulatorApp:
             "/tokenize": self.tokenize,
             "/v1/completions/render": self.render_completion,
             "/v1/chat/completions/render": self.render_chat,
+            "/emulator/load_format": self.set_load_format,
         }
         for path, handler in routes.items():
             app.router.add_post(path, self._errors(handler))
@@ -319,7 +328,25 @@ class EmulatorApp:
 
     async def get_load(self, _: web.Request) -> web.Response:
         stats = self.backend.stats()
-        return self._json({"load": stats.num_running + stats.num_waiting})
+        requests = stats.num_running + stats.num_waiting
+        if self.load_format == "sglang":
+            # SGLang's per-DP-rank list; num_tokens is the KV cache held by requests, which is
+            # what sglang-router's power_of_two compares.
+            rank = {
+                "dp_rank": 0,
+                "num_reqs": requests,
+                "num_waiting_reqs": stats.num_waiting,
+                "num_tokens": round(stats.kv_cache_usage * stats.num_blocks * stats.block_size),
+            }
+            return self._json([rank])
+        return self._json({"load": requests})
+
+    async def set_load_format(self, request: web.Request) -> web.Response:
+        body = await self._body(request, check_model=False)
+        if body.get("format") not in LOAD_FORMATS:
+            raise EngineError(400, f"format must be one of {', '.join(LOAD_FORMATS)}", "format")
+        self.load_format = body["format"]
+        return self._json({"format": self.load_format})
 
     async def status(self, _: web.Request) -> web.Response:
         return self._json({"model": self.model, "pod": self.pod_name, **self.backend.status()})

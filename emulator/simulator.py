@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,17 +25,23 @@ from emulator.engine import EngineCore, EngineStats, Request, RequestResult
 from emulator.profile import load_profile
 from emulator.results import RequestOutcome, summarize
 from emulator.workloads import WorkloadRequest
+from gateway_plugins.config import RoutingSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.router import Decision, Router
 from gateway_plugins.routing.strategies import Strategy, build_strategies
 from gateway_plugins.routing.types import Endpoint, PodState, RoutingRequest
 
+Clock = Callable[[], float]
+
 
 @dataclass
 class FleetSpec:
     engines: int = 16
     profile: str = "llama-3.1-8b_h100"
+    #: A heterogeneous fleet: engine count per profile name (engines numbered in this order); replaces
+    #: ``engines`` x ``profile``. Each engine's pod carries its profile's GPU in its label and its records.
+    fleet: dict[str, int] | None = None
     model: str = "llama-3.1-8b-instruct"
     strategy: str = "least-request"
     #: Seconds between metric scrapes of each engine (the sidecar's interval); 0 disables metrics.
@@ -46,6 +52,13 @@ class FleetSpec:
     metrics_window: float = 2.0
     max_loras: int | None = None
     seed: int = 0  # random tie-breaks in strategies
+    #: Strategy knobs and presets, as in the gateway's configuration.
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+
+    def engine_profiles(self) -> list[str]:
+        """The profile of each engine, in engine order."""
+        fleet = self.fleet if self.fleet is not None else {self.profile: self.engines}
+        return [name for name, count in fleet.items() for _ in range(count)]
 
 
 @dataclass
@@ -90,15 +103,35 @@ class _Engine:
 
 
 class FleetSimulator:
-    def __init__(self, spec: FleetSpec, *, strategies: Mapping[str, Strategy] | None = None) -> None:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        *,
+        strategies: Mapping[str, Strategy] | Callable[[Clock], Mapping[str, Strategy]] | None = None,
+    ) -> None:
+        """``strategies``: the router's strategies, or a factory of them given the virtual clock
+        (default: ``build_strategies(spec.routing)`` on that clock)."""
         self.spec = spec
-        profile = load_profile(spec.profile)
+        names = spec.engine_profiles()
+        loaded = {name: load_profile(name) for name in set(names)}
+        profiles = [loaded[name] for name in names]
+        label = spec.routing.gpu_type.label
         registry = PodRegistry()
         registry.replace_all(
-            PodInfo(f"engine-{i}", f"10.0.{i // 256}.{i % 256}:8000", spec.model, labels={"gpu": profile.gpu})
-            for i in range(spec.engines)
+            PodInfo(f"engine-{i}", f"10.0.{i // 256}.{i % 256}:8000", spec.model, labels={label: profile.gpu})
+            for i, profile in enumerate(profiles)
         )
-        self.router = Router(registry, strategies or build_strategies(), default_strategy=spec.strategy)
+        #: Virtual time of the event being processed: the clock of strategies that expire state.
+        self.now = 0.0
+        if strategies is None:
+            strategies = build_strategies(spec.routing, clock=self.clock)
+        elif callable(strategies):
+            strategies = strategies(self.clock)
+        self.router = Router(
+            registry,
+            strategies,
+            default_strategy=spec.strategy,
+        )
         pods = {pod.name: pod for pod in registry.ready_pods(spec.model)}
         self.engines = [
             _Engine(
@@ -106,7 +139,7 @@ class FleetSimulator:
                 pods[f"engine-{i}"],
                 MetricsWindow(spec.metrics_window, gpu_type=profile.gpu),
             )
-            for i in range(spec.engines)
+            for i, profile in enumerate(profiles)
         ]
         self._by_pod = {id(engine.pod): engine for engine in self.engines}
         #: Engine events in time order: (time, tie-break, engine, its version), or (time, tie-break, None,
@@ -118,6 +151,12 @@ class FleetSimulator:
         #: Scraped records on their way to the router: (time they become visible, one record per engine).
         self._published: deque[tuple[float, list[PodMetrics]]] = deque()
         self._next_scrape = math.inf
+        #: LoRA adapters registered on every engine (``_register_adapter``).
+        self._adapters: tuple[str, ...] = ()
+
+    def clock(self) -> float:
+        """Virtual time, for strategies that expire state."""
+        return self.now
 
     def run(self, requests: Iterable[WorkloadRequest]) -> FleetResult:
         random.seed(self.spec.seed)
@@ -132,12 +171,17 @@ class FleetSimulator:
             if self._next_scrape == math.inf and spec.metrics_interval > 0:
                 self._next_scrape = now  # scrapes pause while the fleet is idle
             self._run_until(now)
+            self.now = now
+            if not self.router.registry.knows_model(request.model):
+                self._register_adapter(request.model)
             routing = RoutingRequest(
-                spec.model,
+                request.model,
                 endpoint=Endpoint.COMPLETIONS,
                 user=request.user or None,
                 session_id=request.session or None,
                 prompt_source=lambda _, r=request: r.prompt_text,
+                prompt_token_ids=request.prompt_ids,
+                max_tokens=request.max_tokens,
             )
             try:
                 decision = self.router.route(routing)
@@ -166,6 +210,14 @@ class FleetSimulator:
             routed=routed,
         )
 
+    def _register_adapter(self, adapter: str) -> None:
+        """Assumption: every adapter of the workload is registered on every engine, as if each sidecar had
+        loaded them all; each one is registered when its first request arrives, so that a workload need not
+        be known in advance. Which adapters are in a GPU slot is up to the engine model (``max_loras``)."""
+        self._adapters += (adapter,)
+        for engine in self.engines:
+            self.router.registry.set_adapters(engine.pod.namespace, engine.pod.name, self._adapters)
+
     # -- events ---------------------------------------------------------------------------------
 
     def _run_until(self, t: float) -> None:
@@ -177,6 +229,7 @@ class FleetSimulator:
             now = min(event, visible, self._next_scrape)
             if now > t or now == math.inf:
                 return
+            self.now = now
             if now == event:
                 _, _, engine, payload = heapq.heappop(events)
                 if engine is None:
@@ -185,7 +238,7 @@ class FleetSimulator:
                     self._on_engine_event(engine, now)
             elif now == visible:
                 for engine, record in zip(self.engines, published.popleft()[1], strict=True):
-                    engine.pod.metrics = record
+                    engine.pod.apply_metrics(record)
             else:
                 self._scrape(now)
 

@@ -31,7 +31,7 @@ class Gateway:
         self.pods = PodRegistry()
         self.router = Router(
             self.pods,
-            build_strategies(),
+            build_strategies(settings.routing),
             default_strategy=settings.default_strategy,
             model_strategies={
                 m: s.routing_strategy for m, s in settings.models.items() if s.routing_strategy

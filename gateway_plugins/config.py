@@ -27,6 +27,104 @@ class DiscoverySettings:
 
 
 @dataclass
+class PrefixCacheSettings:
+    """The approximate prefix index behind ``prefix-cache`` and ``prefix-cache-and-load``."""
+
+    #: Tokens per hashed block; vLLM's GPU default block size, so a matched block is a cacheable one.
+    block_tokens: int = 16
+    #: Only the first this many blocks of a prompt are hashed and matched (4,096 tokens at 16 per block).
+    max_blocks: int = 256
+    #: Blocks remembered per pod when its record does not report the KV cache size (which sets it otherwise).
+    capacity_blocks: int = 31_250
+    #: Seconds after which a block the pod was not sent again is forgotten.
+    ttl_seconds: float = 600.0
+    #: Matches covering less of the prompt than this fraction count as no match (route on load instead).
+    min_match_ratio: float = 0.3
+    #: Path of a Hugging Face ``tokenizer.json``: hash token blocks instead of character blocks
+    #: (``block_tokens`` x 4 bytes of text). Needs the ``tokenizers`` package.
+    tokenizer: str | None = None
+
+
+@dataclass
+class SessionAffinitySettings:
+    """``session-affinity``: the ``x-session-id`` -> pod table."""
+
+    #: Seconds a session keeps its pod after its last request.
+    ttl_seconds: float = 1800.0
+    #: Sessions remembered; the least recently used is forgotten beyond this.
+    max_sessions: int = 100_000
+
+
+@dataclass
+class FairnessSettings:
+    """``vtc-basic``: virtual token counters per user."""
+
+    #: Half-life, in seconds, of the tokens counted against a user.
+    half_life_seconds: float = 60.0
+    #: Output tokens counted per request when the response's usage is not reported back.
+    expected_output_tokens: int = 128
+
+
+@dataclass
+class GpuProfile:
+    """What one GPU type costs and how fast it serves, for ``gpu-type``."""
+
+    #: Relative cost (for instance dollars per hour); cheaper types are preferred.
+    cost: float = 1.0
+    #: Prefill throughput of one pod, prompt tokens per second.
+    prefill_tokens_per_second: float = 10_000.0
+    #: Time per output token of one pod with ``max_inflight`` requests in its batch (the slowest a pod that
+    #: is not saturated decodes), seconds.
+    seconds_per_output_token: float = 0.02
+    #: Requests in flight at which a pod of this type counts as saturated (traffic spills over).
+    max_inflight: int = 64
+
+
+@dataclass
+class GpuTypeSettings:
+    """``gpu-type``: heterogeneous fleets, each request on the cheapest GPU type that meets the SLOs."""
+
+    #: Profiles by GPU type, keyed by the exact string a sidecar reports as ``gpu_type`` (or the label holds);
+    #: pods of any other type are served last (see docs/routing.md).
+    profiles: dict[str, GpuProfile] = field(default_factory=dict)
+    #: Pod label naming the GPU type when the pod's record does not.
+    label: str = "nvidia.com/gpu.product"
+    #: Time-to-first-token objective a type must meet for a request, seconds.
+    ttft_slo_seconds: float = 1.0
+    #: Time-per-output-token objective, seconds.
+    tpot_slo_seconds: float = 0.05
+    #: A pod whose record shows more requests than this waiting in the engine's queue counts as saturated
+    #: (a few wait in any busy vLLM engine: new arrivals until the next step, prompts behind a long prefill).
+    max_waiting: int = 8
+
+
+@dataclass
+class LoadGuardSettings:
+    """The load guard of the affinity strategies (``prefix-cache``, ``prefix-cache-and-load``,
+    ``session-affinity``, ``lora-affinity``): a pod far busier than the other candidates takes no more
+    requests for the sake of a cache, a session or an adapter, so a hot prefix cannot melt one pod."""
+
+    #: A pod is overloaded when its in-flight count exceeds this multiple of the candidates' mean ...
+    ratio: float = 1.5
+    #: ... and the least loaded candidate's count by more than this (the ratio alone trips on tiny counts).
+    min_gap: int = 8
+
+
+@dataclass
+class RoutingSettings:
+    """Knobs of the strategies that have any."""
+
+    prefix_cache: PrefixCacheSettings = field(default_factory=PrefixCacheSettings)
+    session_affinity: SessionAffinitySettings = field(default_factory=SessionAffinitySettings)
+    fairness: FairnessSettings = field(default_factory=FairnessSettings)
+    gpu_type: GpuTypeSettings = field(default_factory=GpuTypeSettings)
+    load_guard: LoadGuardSettings = field(default_factory=LoadGuardSettings)
+    #: Named weighted combinations, usable wherever a strategy name is (header, defaults), besides the
+    #: built-in ``inference-extension`` (``least-queue:2,least-kv-cache:2,prefix-cache:3``).
+    presets: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class ModelSettings:
     """Per-model overrides."""
 
@@ -47,8 +145,11 @@ class GatewaySettings:
     health_port: int = 9003
     #: HTTP port of /metrics.
     metrics_port: int = 9090
-    #: Strategy when neither the request nor the model's settings name one.
+    #: Strategy when neither the request nor the model's settings name one: a name, a preset or a
+    #: weighted combination (``prefix-cache:3,least-request:1``).
     default_strategy: str = "least-request"
+    #: Strategy knobs and named presets.
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     #: Per-model settings, keyed by model name.
     models: dict[str, ModelSettings] = field(default_factory=dict)
     #: Largest request body routed; bigger bodies get 413.

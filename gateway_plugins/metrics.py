@@ -52,6 +52,15 @@ class PodCollector(Collector):
         yield inflight
         yield remote
         yield age
+        fallbacks = CounterMetricFamily(
+            "brickyard_routing_fallbacks",
+            "Decisions a strategy made by its explicit fallback rule (e.g. least-request when no candidate's "
+            "metrics were known).",
+            labels=["strategy"],
+        )
+        for strategy in {id(s): s for s in self.router.strategies.values()}.values():
+            fallbacks.add_metric([strategy.name], strategy.fallbacks)
+        yield fallbacks
         yield CounterMetricFamily(
             "brickyard_routing_unknown_metrics_decisions",
             "Decisions by a metrics-reading strategy while a candidate pod's metrics were unknown or stale.",

@@ -12,6 +12,13 @@ at once; a pod whose records stop while Redis is reachable (the pod died with
 its sidecar) leaves routing when its record goes stale; both come back with
 their next healthy record. Pods that never had a sidecar are never excluded.
 
+LoRA adapters: each healthy record's ``adapters`` (those registered with the
+engine) go to the registry, which makes them routable model names on that pod;
+the registry re-indexes only when a pod's list changed. A record going stale
+or unhealthy leaves the pod's adapters as they were: the engine still has them
+registered, and whether the pod is routable at all is availability's call
+(an adapter whose only pod is out answers 503, not 404).
+
 Gateways behind one Envoy share load through the same connection: each
 publishes its own per-pod in-flight counts every ``share_interval`` and adds
 up the others' into ``PodState.remote_inflight``. A gateway silent for longer
@@ -121,8 +128,10 @@ class PodMetricsStore:
         if state is None or time.time() - record.timestamp > self.stale_seconds:
             return
         if state.metrics is None or record.timestamp >= state.metrics.timestamp:
-            state.metrics = record
+            state.apply_metrics(record)
             self.records_received += 1
+            if record.healthy:
+                self.registry.set_adapters(namespace, name, record.adapters)
             self.registry.set_available(namespace, name, record.healthy)
 
     def _apply_inflight(self, data: bytes) -> None:
@@ -169,7 +178,7 @@ class PodMetricsStore:
             oldest = time.time() - self.stale_seconds
             for state in self.registry.states():
                 if state.metrics is not None and state.metrics.timestamp < oldest:
-                    state.metrics = None
+                    state.apply_metrics(None)
                     if self.connected.is_set():  # Redis works, the pod went silent: it is gone
                         self.registry.set_available(state.namespace, state.name, False)
             silent = time.monotonic() - self.stale_seconds

@@ -5,6 +5,12 @@ and every failure is a clear ``AdapterError`` carrying the HTTP status to
 answer with: a bad request (400), a missing artifact (404), a full engine
 (409), a corrupt download (422), an engine that refuses (502) or does not
 answer (503).
+
+Every read of the engine's adapter list is reported to ``on_listed`` (the
+publisher puts it in each record, which is how gateways learn where an adapter
+is routable): the read that verifies a load or an unload, and ``watch``'s
+periodic one, which catches adapters loaded or lost behind the sidecar's back
+(straight at the engine, or by an engine restart).
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ class AdapterManager:
         settings: SidecarSettings,
         session: aiohttp.ClientSession,
         engine_max_loras: Callable[[], int],
+        on_listed: Callable[[tuple[str, ...]], None],
     ) -> None:
         self.settings = settings
         self.session = session
         self.engine_max_loras = engine_max_loras
+        self.on_listed = on_listed
         self.cache_dir = Path(settings.adapter_dir)
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -50,9 +58,26 @@ class AdapterManager:
         """The engine's ``/v1/models`` (base model and loaded adapters)."""
         return await self._engine("GET", "/v1/models")
 
-    async def loaded(self) -> list[str]:
-        """Adapters the engine serves now (model cards with a parent)."""
-        return [card["id"] for card in (await self.models()).get("data", []) if card.get("parent")]
+    async def loaded(self) -> tuple[str, ...]:
+        """Adapters the engine serves now (model cards with a parent: the base model has none)."""
+        names = tuple(card["id"] for card in (await self.models()).get("data", []) if card.get("parent"))
+        self.on_listed(names)
+        return names
+
+    async def watch(self) -> None:
+        """Re-read the engine's adapters every ``adapters_refresh_seconds`` until cancelled."""
+        failing = False
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.scrape_timeout_seconds):
+                    await self.loaded()
+            except (AdapterError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
+                if not failing:  # the metrics scrape reports the engine's health; say it once here
+                    log.warning("cannot list the engine's adapters, keeping the last list: %s", exc)
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(self.settings.adapters_refresh_seconds)
 
     async def load(
         self,
@@ -96,6 +121,7 @@ class AdapterManager:
         async with self._lock(name):
             if name in await self.loaded():
                 await self._engine("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+                await self.loaded()
                 status = "unloaded"
             else:
                 status = "not_loaded"

@@ -75,15 +75,22 @@ class Sidecar:
         self.registry.register(RecordCollector(self.publisher))
         publisher = self.publisher
         self.adapters = AdapterManager(
-            self.settings, self.session, lambda: publisher.latest.max_loras if publisher.latest else 0
+            self.settings,
+            self.session,
+            lambda: publisher.latest.max_loras if publisher.latest else 0,
+            publisher.set_adapters,
         )
-        task = asyncio.create_task(self.publisher.run(), name="metrics-publisher")
+        tasks = [
+            asyncio.create_task(publisher.run(), name="metrics-publisher"),
+            asyncio.create_task(self.adapters.watch(), name="adapter-watch"),
+        ]
         try:
             yield self.app()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.session.close()
             if self.redis is not None:
                 await self.redis.aclose()

@@ -38,4 +38,7 @@ class SidecarSettings:
     adapter_dir: str = "/var/lib/brickyard/adapters"
     #: Adapters this engine may hold at once; unset uses the engine's own max LoRAs (from its metrics).
     max_adapters: int | None = None
+    #: Seconds between reads of the adapters registered with the engine (its ``/v1/models``), which every
+    #: record carries; the sidecar's own load and unload re-read them at once.
+    adapters_refresh_seconds: float = 1.0
     log_level: str = "info"

@@ -5,11 +5,16 @@ record`` in one pipeline. An engine that stops answering is published as
 unhealthy at once (and disappears when the record's TTL runs out, should the
 sidecar die with it); a Redis outage is logged once, retried with backoff and
 does not stop scraping.
+
+Each record also carries the LoRA adapters registered with the engine
+(``adapters``), as last listed by the adapter manager (``set_adapters``): that
+list changes rarely, so it is read on its own, slower cadence, not per scrape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -43,6 +48,8 @@ class MetricsPublisher:
         self.engine_type = None if settings.engine == "auto" else settings.engine
         self.latest: PodMetrics | None = None
         self.last_sample: EngineSample | None = None
+        #: Adapters registered with the engine, as last listed.
+        self.adapters: tuple[str, ...] = ()
         self.published = 0
         self._key = pod_key(settings.namespace, settings.pod)
         self._redis_down_since: float | None = None
@@ -63,6 +70,12 @@ class MetricsPublisher:
                 next_tick, delay = loop.time(), 0
             await asyncio.sleep(delay)
 
+    def set_adapters(self, adapters: tuple[str, ...]) -> None:
+        """The engine's adapters as just listed: every record from the next scrape on carries them."""
+        if adapters != self.adapters:
+            log.info("engine adapters changed", extra={"adapters": list(adapters)})
+            self.adapters = adapters
+
     async def scrape(self) -> PodMetrics:
         """One scrape turned into a record; an engine that does not answer yields an unhealthy record."""
         now = time.time()
@@ -73,6 +86,7 @@ class MetricsPublisher:
                     raise ScrapeError(f"/metrics answered {response.status}")
                 text = await response.text()
             self.engine_type, sample = parse_metrics(text, now, self.engine_type)
+            sample = dataclasses.replace(sample, adapters=self.adapters)
         except (aiohttp.ClientError, TimeoutError, ScrapeError) as exc:
             if self.latest is None or self.latest.healthy:
                 log.warning("engine not answering its metrics: %s", exc or type(exc).__name__)
@@ -93,6 +107,7 @@ class MetricsPublisher:
             block_size=last.block_size if last else 0,
             num_blocks=last.num_blocks if last else 0,
             max_loras=last.max_loras if last else 0,
+            adapters=self.adapters,
             gpu_type=self.settings.gpu_type,
             engine_type=self.engine_type or "",
         )

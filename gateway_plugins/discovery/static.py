@@ -5,6 +5,8 @@
         address: 127.0.0.1:8001
         model: llama-3-8b
         labels: {gpu: h100}     # optional
+        annotations:            # optional, e.g. the model's routing profiles
+          model.aibrix.ai/config: '{"profiles": {"default": {"routingStrategy": "prefix-cache"}}}'
         namespace: default      # optional
 
 The file is re-read when it changes, so a script can add or drain engines
@@ -32,6 +34,7 @@ class StaticPod:
     namespace: str = "default"
     ready: bool = True
     labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,7 +52,9 @@ def load_endpoints(path: str | Path) -> list[PodInfo]:
             raise typed_config.ConfigError(
                 f"{path}: pod {pod.name}: address must be ip:port, got {pod.address!r}"
             )
-        pods.append(PodInfo(pod.name, pod.address, pod.model, pod.namespace, pod.ready, pod.labels))
+        pods.append(
+            PodInfo(pod.name, pod.address, pod.model, pod.namespace, pod.ready, pod.labels, pod.annotations)
+        )
     names = [p.key for p in pods]
     if len(set(names)) != len(names):
         raise typed_config.ConfigError(f"{path}: pod names must be unique")

@@ -5,8 +5,9 @@
   as a request header and, identically, in dynamic metadata ``envoy.lb``.
 
 Both also publish the decision as dynamic metadata namespace ``brickyard``
-(pod, pod_ip, strategy) so Envoy can copy it into response headers without a
-response-headers round trip to the processor.
+(pod, pod_ip, strategy, and session_id when the strategy bound the request to a
+session) so Envoy can copy it into response headers without a response-headers
+round trip to the processor.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class Contract(Protocol):
 
 def decision_metadata(decision: Decision) -> dict[str, Any]:
     pod = decision.pod
-    return {DECISION_NAMESPACE: {"pod": pod.name, "pod_ip": pod.address, "strategy": decision.strategy}}
+    fields = {"pod": pod.name, "pod_ip": pod.address, "strategy": decision.strategy}
+    session = decision.request.bound_session
+    if session is not None:
+        fields["session_id"] = session
+    return {DECISION_NAMESPACE: fields}
 
 
 class AIBrixContract:

@@ -50,8 +50,9 @@ class ExtProcService:
         return messages.reply("request_headers", messages.header_mutation(add, remove))
 
     def routed_body_reply(self, decision: Decision) -> bytes:
-        """BUFFERED mode: the destination rides on the body reply; cached per (pod, strategy)."""
-        if decision.fallbacks:
+        """BUFFERED mode: the destination rides on the body reply; cached per (pod, strategy) unless it
+        carries something of this request's own (fallbacks, a session id)."""
+        if decision.fallbacks or decision.request.bound_session is not None:
             headers, metadata = self.contract.destination(decision)
             return messages.reply("request_body", messages.header_mutation(headers), metadata)
         encoded = decision.pod.encoded
@@ -79,6 +80,8 @@ class ExtProcService:
             headers["target-pod"] = decision.pod.name
             headers["target-pod-ip"] = decision.pod.address
             headers["routing-strategy"] = decision.strategy
+            if decision.request.bound_session is not None:
+                headers["x-session-id"] = decision.request.bound_session
         return messages.reply("response_headers", messages.header_mutation(headers))
 
     def models_body(self, model_id: str) -> bytes:

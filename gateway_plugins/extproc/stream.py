@@ -38,7 +38,9 @@ log = logging.getLogger("gateway_plugins.requests")
 
 #: Request headers the gateway reads; everything else is ignored without decoding.
 _READ_HEADERS = (
-    frozenset({":path", ":method", "x-request-id", "routing-strategy", "user", "x-session-id"})
+    frozenset(
+        {":path", ":method", "x-request-id", "routing-strategy", "config-profile", "user", "x-session-id"}
+    )
     | STRIPPED_REQUEST_HEADERS
 )
 
@@ -198,7 +200,11 @@ class ExtProcStream:
         )
         self._model = request.model
         decision = service.router.route(
-            request, self._strategy, subset=self._subset, fallbacks=service.fallbacks
+            request,
+            self._strategy,
+            subset=self._subset,
+            fallbacks=service.fallbacks,
+            profile=headers.get("config-profile"),
         )
         self._decision = decision
         if self._full_duplex_request:

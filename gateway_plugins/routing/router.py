@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.select import rank
-from gateway_plugins.routing.strategies import Strategy
+from gateway_plugins.routing.strategies import Strategy, parse_weighted
 from gateway_plugins.routing.types import PodState, RoutingRequest
+
+log = logging.getLogger(__name__)
+
+#: Distinct weighted combinations parsed from headers that are kept (each keeps its parts' state shared).
+_MAX_COMBINATIONS = 256
 
 
 @dataclass(slots=True)
@@ -19,10 +25,18 @@ class Decision:
     pod: PodState
     fallbacks: list[PodState]
     strategy: str
+    request: RoutingRequest
+    strategy_object: Strategy
 
 
 class Router:
-    """Strategy precedence: request header > the model's default > the server default."""
+    """Picks a pod for each request with the strategy that applies to it.
+
+    Precedence: the request's ``routing-strategy`` header > the model's profile from its pods'
+    ``model.aibrix.ai/config`` annotation (the ``config-profile`` header picks one) > the model's
+    setting in the gateway config > the gateway's default. Any of them may name a single strategy,
+    a preset, or a weighted combination.
+    """
 
     def __init__(
         self,
@@ -34,25 +48,59 @@ class Router:
     ) -> None:
         self.registry = registry
         self.strategies = dict(strategies)
-        for name in (default_strategy, *(model_strategies or {}).values()):
-            if name not in self.strategies:
-                raise ValueError(f"unknown routing strategy {name!r} in configuration")
-        self.default_strategy = self.strategies[default_strategy]
-        self.model_strategies = {m: self.strategies[s] for m, s in (model_strategies or {}).items()}
+        self._combinations: dict[str, Strategy] = {}
+        try:
+            self.default_strategy = self.lookup(default_strategy)
+            self.model_strategies = {m: self.lookup(s) for m, s in (model_strategies or {}).items()}
+        except ValueError as exc:
+            raise ValueError(f"routing strategy in configuration: {exc}") from None
         #: Decisions by a metric-reading strategy while some candidate's metrics were unknown.
         self.decisions_with_unknown_metrics = 0
 
+    def lookup(self, name: str) -> Strategy:
+        """A strategy, preset or weighted combination by name; ``ValueError`` if there is none."""
+        name = name.strip()
+        strategy = self.strategies.get(name) or self._combinations.get(name)
+        if strategy is not None:
+            return strategy
+        if "," not in name and ":" not in name:
+            raise ValueError(f"unknown strategy '{name}'; known: {', '.join(sorted(self.strategies))}")
+        strategy = parse_weighted(name, self.strategies)
+        if len(self._combinations) >= _MAX_COMBINATIONS:
+            self._combinations.pop(next(iter(self._combinations)))
+        self._combinations[name] = strategy
+        return strategy
+
     def strategy(self, name: str) -> Strategy:
         """The strategy a ``routing-strategy`` header names; 400 if there is none."""
-        strategy = self.strategies.get(name.strip())
-        if strategy is None:
+        try:
+            return self.lookup(name)
+        except ValueError as exc:
             raise GatewayError(
                 400,
-                f"Unknown routing strategy '{name}'. Known strategies: {', '.join(sorted(self.strategies))}.",
+                f"Invalid routing strategy '{name}': {exc}.",
                 cause="invalid-routing-strategy",
                 code="invalid_routing_strategy",
-            )
-        return strategy
+            ) from None
+
+    def strategy_for(self, model: str, profile: str | None = None, base: str | None = None) -> Strategy:
+        """The strategy for a request that names none: model profile > model setting > default.
+
+        A LoRA adapter without settings of its own takes its base model's.
+        """
+        for name in (model, base) if base and base != model else (model,):
+            named = self.registry.profile_strategy(name, profile)
+            if named is not None:
+                try:
+                    return self.lookup(named)
+                except ValueError as exc:
+                    log.warning(
+                        "model %s: ignoring the routing strategy of its config profile: %s", name, exc
+                    )
+            strategy = self.model_strategies.get(name)
+            if strategy is not None:
+                return strategy
+        return self.default_strategy
 
     def route(
         self,
@@ -61,6 +109,7 @@ class Router:
         *,
         subset: Collection[str] | None = None,
         fallbacks: int = 0,
+        profile: str | None = None,
     ) -> Decision:
         """Pick a pod (and up to ``fallbacks`` alternates) and count the request in flight."""
         pods = self.registry.ready_pods(request.model)
@@ -89,15 +138,18 @@ class Router:
                     code="no_ready_pods",
                 )
         if strategy is None:
-            strategy = self.model_strategies.get(request.model, self.default_strategy)
+            strategy = self.strategy_for(request.model, profile, pods[0].model)
         if strategy.uses_metrics and any(pod.metrics is None for pod in pods):
             self.decisions_with_unknown_metrics += 1
         order = rank(strategy.score(request, pods), 1 + fallbacks)
         chosen = pods[order[0]]
         chosen.inflight += 1
+        chosen.routed_since_record += 1
+        chosen.tokens_since_record += request.prompt_tokens
         strategy.on_routed(request, chosen)
-        return Decision(chosen, [pods[i] for i in order[1:]], strategy.name)
+        return Decision(chosen, [pods[i] for i in order[1:]], strategy.name, request, strategy)
 
     @staticmethod
     def release(decision: Decision) -> None:
         decision.pod.inflight -= 1
+        decision.strategy_object.on_finished(decision.request, decision.pod)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -261,6 +262,36 @@ async def test_get_load_and_status(client: TestClient) -> None:
     assert status["pod"] == "pod-a"
     assert status["steps"] >= 3
     assert status["lag_max_seconds"] < 1.0
+
+
+async def test_get_load_in_sglangs_shape_on_request(client: TestClient) -> None:
+    # sglang-router's power_of_two only reads SGLang's per-DP-rank list and sums num_tokens;
+    # vllm-router only reads {"load": N}; the engine answers whichever it was told to.
+    assert await post(client, "/emulator/load_format", {"format": "sglang"}) == (200, {"format": "sglang"})
+    assert await (await client.get("/get_load")).json() == [
+        {"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}
+    ]
+    prompt = " ".join(f"word{i}" for i in range(40))
+    task = asyncio.create_task(
+        post(client, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1500})
+    )
+    engine: LiveEngine = client.engine  # type: ignore[attr-defined]
+    for _ in range(100):
+        if engine.stats().kv_cache_usage > 0:
+            break
+        await asyncio.sleep(0.02)
+    (rank,) = await (await client.get("/get_load")).json()
+    assert rank["num_reqs"] == 1
+    assert rank["num_tokens"] >= len(tokens.encode(prompt))  # the prompt's KV blocks, at least
+    assert rank["num_tokens"] % 16 == 0  # whole blocks
+    assert await post(client, "/emulator/load_format", {"format": "load"}) == (200, {"format": "load"})
+    assert await (await client.get("/get_load")).json() == {"load": 1}
+    status, error = await post(client, "/emulator/load_format", {"format": "json"})
+    assert status == 400
+    assert error["error"]["param"] == "format"  # type: ignore[index]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def test_app_builds_without_a_loop() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +13,9 @@ from aiohttp import web
 
 from brickyard.stack import Engine, Stack, free_port
 from tests.conftest import MODEL
+from tests.support.adapters import adapter
 
 pytestmark = pytest.mark.slow
-
-
-def adapter(root: Path, name: str) -> Path:
-    path = root / name
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "base_model": MODEL}))
-    (path / "adapter_model.safetensors").write_bytes(b"\x00" * 4096)
-    return path
 
 
 @pytest.fixture(scope="module")

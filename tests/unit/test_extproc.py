@@ -245,6 +245,21 @@ async def test_response_headers_report_the_decision(aibrix: Harness) -> None:
     assert added["request-id"] == "req-1"
 
 
+async def test_session_ids_ride_in_the_metadata_of_each_request(aibrix: Harness) -> None:
+    """Four sessions on three pods: a reply cached per pod would hand one session's id to another."""
+    response_headers = pb.ProcessingRequest(response_headers=pb.HttpHeaders())
+    for session in ("s0", "s1", "s2", "s3"):
+        extra = {"routing-strategy": "session-affinity", "x-session-id": session}
+        replies = await exchange(aibrix, [headers(**extra), body(CHAT), response_headers], 3)
+        assert json_format.MessageToDict(replies[1].dynamic_metadata)["brickyard"]["session_id"] == session
+        assert set_headers(replies[2].response_headers.response.header_mutation)["x-session-id"] == session
+    generated = await exchange(aibrix, [headers(**{"routing-strategy": "session-affinity"}), body(CHAT)], 2)
+    assert len(json_format.MessageToDict(generated[1].dynamic_metadata)["brickyard"]["session_id"]) == 32
+    unbound = await exchange(aibrix, [headers(**{"x-session-id": "s0"}), body(CHAT), response_headers], 3)
+    assert "session_id" not in json_format.MessageToDict(unbound[1].dynamic_metadata)["brickyard"]
+    assert "x-session-id" not in set_headers(unbound[2].response_headers.response.header_mutation)
+
+
 # -- EPP contract (FULL_DUPLEX_STREAMED) -------------------------------------------------------
 
 

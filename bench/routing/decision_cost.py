@@ -1,0 +1,124 @@
+"""Decision cost in-process: time per routing decision and memory of the prefix index.
+
+    python -m bench.routing.decision_cost [--pods 64] [--prompt-tokens 8192] [--decisions 3000]
+
+Each decision parses a chat request body whose prompt is ``--prompt-tokens`` tokens of text (one
+shared system prompt of a few hundred per tenant, then a long user document), routes it with the
+gateway's own ``Router`` and releases it, as the ext_proc stream does. Before the clock starts the
+index is filled to every pod's capacity (31,250 blocks, the default), so lookups run against a
+full index. Memory is the index's allocation as measured by ``tracemalloc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+import tracemalloc
+from pathlib import Path
+
+import orjson
+
+from emulator import tokens
+from gateway_plugins.config import PrefixCacheSettings, RoutingSettings
+from gateway_plugins.discovery.registry import PodInfo, PodRegistry
+from gateway_plugins.request_parsing import parse_body
+from gateway_plugins.routing.router import Router
+from gateway_plugins.routing.strategies import build_strategies
+from gateway_plugins.routing.types import Endpoint
+
+REPO = Path(__file__).resolve().parents[2]
+STRATEGIES = ("least-request", "prefix-cache", "prefix-cache-and-load", "inference-extension")
+
+
+def bodies(count: int, prompt_tokens: int, tenants: int, seed: int) -> list[bytes]:
+    """Chat bodies: a per-tenant system prompt (256 tokens) and a fresh document filling the rest."""
+    rng = random.Random(seed)
+    vocab = tokens.vocabulary()
+    systems = [" ".join(rng.choices(vocab.words, k=256)) for _ in range(tenants)]
+    out = []
+    for _ in range(count):
+        document = " ".join(rng.choices(vocab.words, k=prompt_tokens - 256))
+        body = {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": rng.choice(systems)},
+                {"role": "user", "content": document},
+            ],
+        }
+        out.append(orjson.dumps(body))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def measure(args: argparse.Namespace, strategy: str, max_blocks: int) -> dict[str, float]:
+    registry = PodRegistry()
+    registry.replace_all(PodInfo(f"p{i}", f"10.0.{i // 256}.{i % 256}:8000", "m") for i in range(args.pods))
+    settings = RoutingSettings(prefix_cache=PrefixCacheSettings(max_blocks=max_blocks))
+    strategies = build_strategies(settings)
+    router = Router(registry, strategies, default_strategy=strategy)
+    chosen = router.lookup(strategy)
+    index = strategies["prefix-cache"].index  # type: ignore[attr-defined]
+    # Fill every pod's LRU to capacity with chains of random block hashes, as after hours of traffic.
+    rng = random.Random(0)
+    capacity = PrefixCacheSettings().capacity_blocks
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for pod in registry.ready_pods("m"):
+        for _ in range(0, capacity, max_blocks):
+            index.record([rng.getrandbits(64) for _ in range(max_blocks)], pod)
+    memory = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    timed = bodies(args.decisions, args.prompt_tokens, args.tenants, seed=2)
+    parse, total = [], []
+    gc.collect()
+    for raw in timed:
+        started = time.perf_counter()
+        request = parse_body(Endpoint.CHAT, raw)
+        parsed = time.perf_counter()
+        router.release(router.route(request, chosen))
+        done = time.perf_counter()
+        parse.append(parsed - started)
+        total.append(done - started)
+    return {
+        "parse_p50_us": percentile(parse, 50) * 1e6,
+        "decision_p50_us": percentile(total, 50) * 1e6,
+        "decision_p99_us": percentile(total, 99) * 1e6,
+        "index_blocks": index.size(),
+        "index_mib": memory / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pods", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--tenants", type=int, default=32)
+    parser.add_argument("--decisions", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "decision_cost.json")
+    args = parser.parse_args()
+    rows = []
+    for max_blocks in (256, 512):
+        for strategy in STRATEGIES:
+            row = {"strategy": strategy, "max_blocks": max_blocks, **measure(args, strategy, max_blocks)}
+            rows.append(row)
+            print(
+                f"{strategy:>22} max_blocks {max_blocks:3d}: parse p50 {row['parse_p50_us']:6.0f} us, "
+                f"parse+decision p50 {row['decision_p50_us']:6.0f} us p99 {row['decision_p99_us']:6.0f} us, "
+                f"index {row['index_blocks']:,} blocks {row['index_mib']:.0f} MiB",
+                flush=True,
+            )
+    args.out.write_text(
+        json.dumps({"pods": args.pods, "prompt_tokens": args.prompt_tokens, "rows": rows}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Prefix-cache-aware routing: send a prompt where its prefix is probably still cached.
+
+``PrefixIndex`` is the gateway's approximate mirror of each engine's prefix
+cache. A prompt is cut into blocks (``block_tokens`` token ids when they are
+known, else ``block_tokens`` x 4 bytes of text); block i is identified by an
+xxhash64 chained through blocks 0..i and seeded by the model (or adapter) name,
+so equal hashes mean equal prefixes. When a pod is chosen, the prompt's blocks
+are recorded against it in a per-pod LRU; blocks expire after a TTL. Blocks are
+recorded deepest first, so a pod's LRU evicts the tail of a prefix before its
+head, as engines do: what a pod holds stays prefix-closed, and the longest
+match is found by binary search.
+
+Two strategies read it:
+
+* ``prefix-cache``: the longest match wins, unless the pod is overloaded (the
+  load guard) or the match covers under ``min_match_ratio`` of the prompt; ties
+  and non-matches go to the pod with the fewest requests in flight.
+* ``prefix-cache-and-load``: the Preble idea, cost-based. Each pod's cost is the
+  prefill work this request would queue behind plus its own uncached tokens,
+  in seconds at that pod's measured prefill speed; the cheapest pod wins.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import weakref
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import xxhash
+
+from gateway_plugins.config import LoadGuardSettings, PrefixCacheSettings
+from gateway_plugins.routing.strategies.base import Stateless, overloaded
+from gateway_plugins.routing.types import CHARS_PER_TOKEN, PodState, RoutingRequest
+
+Tokenizer = Callable[[str], Sequence[int]]
+
+
+class PrefixIndex:
+    """Which prompt blocks each pod was recently sent: an approximation of its prefix cache."""
+
+    def __init__(
+        self,
+        settings: PrefixCacheSettings,
+        clock: Callable[[], float],
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.block_tokens = settings.block_tokens
+        self.max_blocks = settings.max_blocks
+        self.capacity_blocks = settings.capacity_blocks
+        self.ttl = settings.ttl_seconds
+        self.clock = clock
+        self.tokenizer = tokenizer
+        #: Per pod: block hash -> time last sent, least recently sent first.
+        self._pods: weakref.WeakKeyDictionary[PodState, OrderedDict[int, float]] = weakref.WeakKeyDictionary()
+        self._seeds: dict[str, int] = {}
+
+    def block_hashes(self, request: RoutingRequest) -> list[int]:
+        """The chained hashes of the prompt's full blocks (at most ``max_blocks``); memoised per request."""
+        hashes = request.memo.get(self)
+        if hashes is not None:
+            return hashes
+        ids = request.prompt_token_ids
+        if ids is None and self.tokenizer is not None:
+            ids = request.prompt_token_ids = self.tokenizer(request.prompt_text)
+        if ids is not None:
+            data = array("I", ids[: self.block_tokens * self.max_blocks]).tobytes()
+            step = 4 * self.block_tokens
+        else:
+            data = request.prompt_text.encode()
+            step = CHARS_PER_TOKEN * self.block_tokens
+        seed = self._seeds.get(request.model)
+        if seed is None:
+            seed = self._seeds[request.model] = xxhash.xxh64_intdigest(request.model.encode())
+        view = memoryview(data)
+        digest = xxhash.xxh64_intdigest
+        hashes = []
+        for start in range(0, min(len(data) // step, self.max_blocks) * step, step):
+            seed = digest(view[start : start + step], seed)
+            hashes.append(seed)
+        request.memo[self] = hashes
+        return hashes
+
+    def matched_blocks(self, hashes: Sequence[int], pods: Sequence[PodState]) -> list[int]:
+        """For each pod, how many leading blocks of ``hashes`` it holds."""
+        if not hashes:
+            return [0] * len(pods)
+        now = self.clock()
+        first = hashes[0]
+        result = []
+        for pod in pods:
+            blocks = self._pods.get(pod)
+            if blocks is None or first not in blocks:
+                result.append(0)
+                continue
+            self._expire(blocks, now)
+            low, high = 0, len(hashes)  # invariant: holds hashes[:low], lacks hashes[high] if high < len
+            while low < high:
+                middle = (low + high + 1) // 2
+                if hashes[middle - 1] in blocks:
+                    low = middle
+                else:
+                    high = middle - 1
+            result.append(low)
+        return result
+
+    def record(self, hashes: Sequence[int], pod: PodState) -> None:
+        """``pod`` was sent a prompt with these blocks: they are its most recently used."""
+        if not hashes:
+            return
+        blocks = self._pods.get(pod)
+        if blocks is None:
+            blocks = self._pods[pod] = OrderedDict()
+        now = self.clock()
+        move = blocks.move_to_end
+        for block in reversed(hashes):  # deepest first: the head of the prefix is evicted last
+            if block in blocks:
+                move(block)
+            blocks[block] = now
+        capacity = self.capacity_blocks
+        metrics = pod.metrics
+        if metrics is not None and metrics.num_blocks:
+            capacity = max(1, metrics.num_blocks * metrics.block_size // self.block_tokens)
+        while len(blocks) > capacity:
+            blocks.popitem(last=False)
+        self._expire(blocks, now)
+
+    def _expire(self, blocks: OrderedDict[int, float], now: float) -> None:
+        oldest = now - self.ttl
+        while blocks and next(iter(blocks.values())) < oldest:
+            blocks.popitem(last=False)
+
+    def blocks_held(self, pod: PodState) -> int:
+        """Blocks remembered for ``pod``."""
+        blocks = self._pods.get(pod)
+        return len(blocks) if blocks is not None else 0
+
+    def size(self) -> int:
+        """Blocks remembered over all pods."""
+        return sum(len(blocks) for blocks in self._pods.values())
+
+
+class _PrefixLearner(Stateless):
+    """Shares the index: records the prompt against the chosen pod."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+
+    def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
+        self.index.record(self.index.block_hashes(request), pod)
+
+
+class PrefixCacheStrategy(_PrefixLearner):
+    """Longest cached prefix, within the load guard; least in-flight requests otherwise."""
+
+    name: ClassVar[str] = "prefix-cache"
+
+    def __init__(self, index: PrefixIndex, settings: PrefixCacheSettings, guard: LoadGuardSettings) -> None:
+        super().__init__(index)
+        self.min_match_ratio = settings.min_match_ratio
+        self.guard = guard
+
+    def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
+        hashes = self.index.block_hashes(request)
+        matched = self.index.matched_blocks(hashes, pods)
+        guard = overloaded(pods, self.guard)
+        least = min(pod.load for pod in pods)
+        spread = max(pod.load for pod in pods) - least + 1
+        floor = self.min_match_ratio * len(hashes)
+        # Whole matched blocks dominate; within equal matches, lighter load wins (the fraction is < 1).
+        return [
+            (0 if blocked or blocks < floor else blocks) + (1 - (pod.load - least) / spread) / 2
+            for pod, blocks, blocked in zip(pods, matched, guard, strict=True)
+        ]
+
+
+class PrefixCacheAndLoadStrategy(_PrefixLearner):
+    """Preble's exploit-or-explore rule with a prefill cost model.
+
+    Exploit: when some pod within the load guard holds at least ``min_match_ratio`` of the prompt,
+    the request goes to a pod holding the longest such match (the cheapest of them, if several).
+    Explore: otherwise every pod is priced, and the cheapest wins:
+
+    cost = (queued prefill tokens + this request's uncached tokens) x the pod's prefill seconds per token
+
+    * queued prefill: (the engine's waiting requests x its mean prompt length + the prompt tokens
+      routed to it since its record) x (1 - its prefix-cache hit rate); without a record, the requests
+      in flight from this gateway x this prompt's length;
+    * uncached: this prompt's tokens minus the matched blocks' tokens (all of them past the guard);
+    * seconds per token: the pod's mean (ttft - queue time) / mean prompt length; the candidates' median
+      when unknown (1 when none is known, so the cost is in tokens; such decisions are counted).
+    """
+
+    name: ClassVar[str] = "prefix-cache-and-load"
+    uses_metrics: ClassVar[bool] = True
+
+    def __init__(self, index: PrefixIndex, settings: PrefixCacheSettings, guard: LoadGuardSettings) -> None:
+        super().__init__(index)
+        self.min_match_ratio = settings.min_match_ratio
+        self.guard = guard
+        self.fallbacks = 0
+
+    def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
+        hashes = self.index.block_hashes(request)
+        matched = self.index.matched_blocks(hashes, pods)
+        guard = overloaded(pods, self.guard)
+        matched = [0 if blocked else blocks for blocks, blocked in zip(matched, guard, strict=True)]
+        costs = self._costs(request, pods, matched)
+        best = max(matched)
+        if best and best >= self.min_match_ratio * len(hashes):
+            return [
+                -cost if blocks == best else -math.inf for blocks, cost in zip(matched, costs, strict=True)
+            ]
+        return [-cost for cost in costs]
+
+    def _costs(
+        self, request: RoutingRequest, pods: Sequence[PodState], matched: Sequence[int]
+    ) -> list[float]:
+        tokens = request.prompt_tokens
+        block_tokens = self.index.block_tokens
+        speeds = [_seconds_per_prefill_token(pod) for pod in pods]
+        known = [s for s in speeds if s is not None]
+        if not known:
+            self.fallbacks += 1
+        default = statistics.median(known) if known else 1.0
+        costs = []
+        for pod, blocks, speed in zip(pods, matched, speeds, strict=True):
+            metrics = pod.metrics
+            if metrics is None:
+                queued = pod.inflight * tokens
+            else:
+                queued = (metrics.waiting * metrics.prompt_tokens_mean + pod.tokens_since_record) * (
+                    1 - metrics.prefix_hit_rate
+                )
+            uncached = max(0, tokens - blocks * block_tokens)
+            costs.append((queued + uncached) * (default if speed is None else speed))
+        return costs
+
+
+def _seconds_per_prefill_token(pod: PodState) -> float | None:
+    metrics = pod.metrics
+    if metrics is None or not metrics.prompt_tokens_mean:
+        return None
+    seconds = (metrics.ttft_mean - metrics.queue_mean) / metrics.prompt_tokens_mean
+    return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A Hugging Face ``tokenizer.json`` as a text -> token ids function (the ``tokenizers`` package)."""
+    try:
+        from tokenizers import Tokenizer as HfTokenizer
+    except ImportError as exc:
+        raise ValueError("prefix_cache.tokenizer needs the 'tokenizers' package") from exc
+    tokenizer = HfTokenizer.from_file(path)
+
+    def encode(text: str) -> Sequence[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    return encode
