@@ -322,6 +322,10 @@ class Stack:
         log.info("started", extra={"child": name, "pid": process.pid})
         return child
 
+    def pid(self, name: str) -> int:
+        """The process id of the child called ``name``."""
+        return next(c.process.pid for c in self.children if c.name == name)
+
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if c.process.poll() is not None]
 

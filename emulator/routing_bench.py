@@ -14,15 +14,18 @@ import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emulator.oracle import oracle_hit_rate
 from emulator.results import RequestOutcome, percentile, summarize
 from emulator.simulator import FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadRequest, WorkloadSpec, generate, read_trace
+
+if TYPE_CHECKING:
+    from brickyard.stack import Engine, Stack
 
 
 def saturation_throughput(
@@ -98,9 +101,40 @@ def run_simulated(args: argparse.Namespace, strategy: str, workload: list[Worklo
     return {"summary": result.summary(), "ttft": sorted(o.ttft for o in result.outcomes)}
 
 
+#: Starts a router in front of the engines on a stack; returns its base URL and the pids whose CPU it costs.
+RouterStarter = Callable[["Stack", list["Engine"]], tuple[str, list[int]]]
+
+
+def brickyard_router(strategy: str, model: str) -> RouterStarter:
+    """Envoy + the gateway (AIBrix contract) routing ``model`` with ``strategy`` by default."""
+
+    def start(stack: Stack, engines: list[Engine]) -> tuple[str, list[int]]:
+        endpoints = stack.write_endpoints(engines, model)
+        gateway = stack.start_gateway(
+            "aibrix", endpoints, "--default-strategy", strategy, name="gateway", log_level="warning"
+        )
+        port, _ = stack.start_envoy("aibrix", gateway.grpc, engines, name="envoy")
+        return f"http://127.0.0.1:{port}", [stack.pid("gateway"), stack.pid("envoy")]
+
+    return start
+
+
 def run_live(args: argparse.Namespace, strategy: str, workload: list[WorkloadRequest]) -> dict[str, Any]:
+    """``workload`` through Envoy and the gateway routing with ``strategy``, on fresh emulated engines."""
+    return run_live_router(args, brickyard_router(strategy, args.model), workload)
+
+
+def run_live_router(
+    args: argparse.Namespace, start_router: RouterStarter, workload: list[WorkloadRequest]
+) -> dict[str, Any]:
+    """``workload`` through whatever router ``start_router`` puts in front of fresh emulated engines.
+
+    Latencies are reported in the engines' virtual time (real seconds x ``args.speed``), like the
+    simulator's; ``router_cpu_us`` is the router processes' CPU time per request, in real time.
+    """
     import asyncio
 
+    from bench.procstat import total_cpu
     from brickyard.stack import Stack
     from emulator.replay import replay
 
@@ -118,13 +152,10 @@ def run_live(args: argparse.Namespace, strategy: str, workload: list[WorkloadReq
             )
             for i in range(args.engines)
         ]
-        endpoints = stack.write_endpoints(engines, args.model)
-        gateway = stack.start_gateway(
-            "aibrix", endpoints, "--default-strategy", strategy, log_level="warning"
-        )
-        port, _ = stack.start_envoy("aibrix", gateway.grpc, engines)
+        base_url, pids = start_router(stack, engines)
         urls = [e.url for e in engines]
         before = _engine_counters(urls)
+        cpu_before = total_cpu(pids)
         # Virtual time runs ``speed`` times faster on the engines: compress the arrivals to match.
         scaled = [
             WorkloadRequest(
@@ -132,7 +163,8 @@ def run_live(args: argparse.Namespace, strategy: str, workload: list[WorkloadReq
             )
             for r in workload
         ]
-        outcomes, wall = asyncio.run(replay(scaled, f"http://127.0.0.1:{port}"))
+        outcomes, wall = asyncio.run(replay(scaled, base_url))
+        router_cpu = total_cpu(pids) - cpu_before
         after = _engine_counters(urls)
         lag = max(_get_json(f"{url}/emulator/status")["lag_max_seconds"] for url in urls)
     speed = args.speed
@@ -155,6 +187,7 @@ def run_live(args: argparse.Namespace, strategy: str, workload: list[WorkloadReq
         delta["ttft_sum"] / delta["ttft_count"] * 1000 if delta["ttft_count"] else 0.0
     )
     summary["engine_lag_max_ms"] = lag * 1000
+    summary["router_cpu_us"] = router_cpu / max(len(outcomes), 1) * 1e6
     summary["wall_seconds"] = wall
     return {"summary": summary, "ttft": sorted(o.ttft for o in ok)}
 

@@ -123,9 +123,9 @@ class Bench:
             ],
             ready=lambda: tcp_answers(obvious),
         )
-        self.gateway_pid["obvious"] = self._pid("obvious-extproc")
+        self.gateway_pid["obvious"] = self.stack.pid("obvious-extproc")
         port, _ = stack.start_envoy("aibrix", obvious, self.engines, name="envoy-obvious")
-        self.envoy_pid["obvious"] = self._pid("envoy-obvious")
+        self.envoy_pid["obvious"] = self.stack.pid("envoy-obvious")
         self.urls["obvious"] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
         for contract in ("aibrix", "epp"):
             gateway = stack.start_gateway(
@@ -136,9 +136,9 @@ class Bench:
                 name=f"gateway-{contract}",
                 log_level="warning",
             )
-            self.gateway_pid[contract] = self._pid(f"gateway-{contract}")
+            self.gateway_pid[contract] = self.stack.pid(f"gateway-{contract}")
             port, _ = stack.start_envoy(contract, gateway.grpc, self.engines, name=f"envoy-{contract}")
-            self.envoy_pid[contract] = self._pid(f"envoy-{contract}")
+            self.envoy_pid[contract] = self.stack.pid(f"envoy-{contract}")
             self.urls[contract] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
         for path in PATHS[1:]:
             self.pids[path] = [self.envoy_pid[path]] + (
@@ -147,11 +147,8 @@ class Bench:
 
     def _start_envoy(self, name: str, config: dict[str, Any], port: int) -> None:
         self.stack.start_envoy("aibrix", 0, self.engines, name=name, config=config)
-        self.envoy_pid[name] = self._pid(name)
+        self.envoy_pid[name] = self.stack.pid(name)
         self.urls[name] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
-
-    def _pid(self, name: str) -> int:
-        return next(c.process.pid for c in self.stack.children if c.name == name)
 
     def cpu(self, path: str) -> dict[str, float]:
         out = {"envoy": total_cpu([self.envoy_pid[path]]) if path in self.envoy_pid else 0.0}

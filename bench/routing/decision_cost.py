@@ -18,9 +18,11 @@ import random
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from bench.routing.report import write_section
 from emulator import tokens
 from gateway_plugins.config import PrefixCacheSettings, RoutingSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
@@ -118,6 +120,25 @@ def main() -> None:
     args.out.write_text(
         json.dumps({"pods": args.pods, "prompt_tokens": args.prompt_tokens, "rows": rows}, indent=1)
     )
+    write_section("decision", decision_table(args, rows))
+
+
+def decision_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{args.pods} pods, chat prompts of {args.prompt_tokens:,} tokens ({args.tenants} shared system "
+        "prompts), every pod's prefix index full. Times include parsing the body. Command: "
+        f"`python -m bench.routing.decision_cost --pods {args.pods} --prompt-tokens {args.prompt_tokens}`.",
+        "",
+        "| strategy | max blocks hashed | parse p50 us | parse + decision p50 us | p99 us | index blocks "
+        "| index MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['strategy']} | {r['max_blocks']} | {r['parse_p50_us']:.0f} | {r['decision_p50_us']:.0f} | "
+        f"{r['decision_p99_us']:.0f} | {r['index_blocks']:,} | {r['index_mib']:.0f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
