@@ -3,6 +3,7 @@
 brickyard up          the local stack: Redis, emulated engines, gateway, Envoy
 brickyard gateway     the ext_proc gateway
 brickyard emulator    one emulated vLLM engine
+brickyard users       users and API keys, through the gateway's admin API
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import uvloop
 
-from brickyard import logs, typed_config
+from brickyard import logs, typed_config, users_cli
 
 
 def _gateway(args: argparse.Namespace) -> None:
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--port", type=int)
     sc.add_argument("--adapter-dir")
     sc.add_argument("--max-adapters", type=int)
+
+    users_cli.add_parser(commands)
 
     bench = commands.add_parser("bench", help="Benchmarks.").add_subparsers(dest="benchmark", required=True)
     routing = bench.add_parser("routing", help="Strategies on a simulated or live fleet.")

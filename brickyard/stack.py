@@ -141,10 +141,10 @@ class Stack:
 
     # -- parts ---------------------------------------------------------------------------
 
-    def start_redis(self, port: int | None = None) -> int:
+    def start_redis(self, port: int | None = None, *, name: str = "redis") -> int:
         port = port or free_port()
         self.spawn(
-            "redis",
+            name,
             [
                 redis_server_binary(),
                 "--port",
@@ -324,7 +324,10 @@ class Stack:
 
     def pid(self, name: str) -> int:
         """The process id of the child called ``name``."""
-        return next(c.process.pid for c in self.children if c.name == name)
+        return self.child(name).process.pid
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if c.process.poll() is not None]

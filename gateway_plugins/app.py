@@ -5,21 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+from pathlib import Path
 
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway_plugins.config import GatewaySettings
+from gateway_plugins.admin import admin_app
+from gateway_plugins.config import GatewaySettings, TenancySettings
 from gateway_plugins.discovery.kubernetes import KubernetesDiscovery
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.discovery.static import StaticDiscovery
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
 from gateway_plugins.health import HealthServer
-from gateway_plugins.metrics import PodCollector, metrics_app
+from gateway_plugins.metrics import PodCollector, RequestMetrics, metrics_app
 from gateway_plugins.pod_metrics_store import PodMetricsStore
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.strategies import build_strategies
+from gateway_plugins.tenancy.gate import Tenancy
+from gateway_plugins.tenancy.limits import RateLimiter
+from gateway_plugins.tenancy.users import UserDirectory, UserStore
 from gateway_plugins.transport.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -37,18 +44,21 @@ class Gateway:
                 m: s.routing_strategy for m, s in settings.models.items() if s.routing_strategy
             },
         )
-        self.service = ExtProcService(settings, self.pods, self.router)
+        self.metrics = CollectorRegistry()
+        self.tenancy = _tenancy(settings.tenancy, settings.redis_url) if settings.tenancy.enabled else None
+        self.service = ExtProcService(
+            settings, self.pods, self.router, RequestMetrics(self.metrics), self.tenancy
+        )
         self.grpc = GrpcServer(
             {PROCESS_METHOD: self.service},
             # A BUFFERED body arrives as one message: leave room to answer 413 ourselves.
             max_message_bytes=max(64 << 20, 2 * settings.max_body_bytes),
         )
         self.health = HealthServer()
-        self.metrics = CollectorRegistry()
-        self._metrics_runner: web.AppRunner | None = None
+        self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics_store: PodMetricsStore | None = None
-        self.grpc_port = self.health_port = self.metrics_port = 0
+        self.grpc_port = self.health_port = self.metrics_port = self.admin_port = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -77,14 +87,16 @@ class Gateway:
                 share_interval=s.inflight_share_seconds,
             )
             self._tasks.append(asyncio.create_task(self.metrics_store.run(), name="pod-metrics"))
-        self.metrics.register(PodCollector(self.pods, self.router, self.metrics_store))
+        if self.tenancy is not None:
+            self._tasks.append(asyncio.create_task(self.tenancy.users.run(), name="users"))
+            token = _admin_token(s.tenancy)
+            if token:
+                store = UserStore(s.redis_url or "")
+                self.admin_port = await self._serve_http(admin_app(store, token), s.tenancy.admin_port)
+        self.metrics.register(PodCollector(self.pods, self.router, self.metrics_store, self.tenancy))
         self.grpc_port = await self.grpc.start(s.listen_host, s.grpc_port)
         self.health_port = await self.health.start(s.listen_host, s.health_port)
-        self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
-        await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, s.listen_host, s.metrics_port)
-        await site.start()
-        self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.metrics_port = await self._serve_http(metrics_app(self.metrics), s.metrics_port)
         log.info(
             "gateway ready",
             extra={
@@ -92,9 +104,19 @@ class Gateway:
                 "grpc_port": self.grpc_port,
                 "health_port": self.health_port,
                 "metrics_port": self.metrics_port,
+                "admin_port": self.admin_port or None,
                 "default_strategy": s.default_strategy,
+                "tenancy": s.tenancy.enabled,
             },
         )
+
+    async def _serve_http(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.listen_host, port)
+        await site.start()
+        self._runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         """Drain: readiness off, GOAWAY to Envoy, wait for open streams, then close."""
@@ -105,9 +127,30 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.tenancy is not None:
+            await self.tenancy.flush()  # the last responses' token charges
         await self.health.stop()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        for runner in self._runners:
+            await runner.cleanup()
+
+
+def _tenancy(settings: TenancySettings, redis_url: str | None) -> Tenancy:
+    if not redis_url:
+        raise ValueError("tenancy needs redis_url: users and limits live in Redis")
+    timeout = settings.redis_timeout_seconds
+    limiter = RateLimiter(
+        aioredis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout),
+        fail_open=settings.failure_policy == "open",
+        timeout=timeout,
+    )
+    return Tenancy(settings, UserDirectory(redis_url, resync_seconds=settings.users_resync_seconds), limiter)
+
+
+def _admin_token(settings: TenancySettings) -> str | None:
+    """The admin API's token: from ``admin_token_file``, else env ``BRICKYARD_ADMIN_TOKEN``."""
+    if settings.admin_token_file:
+        return Path(settings.admin_token_file).read_text().strip() or None
+    return os.environ.get("BRICKYARD_ADMIN_TOKEN") or None
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -133,6 +133,40 @@ class ModelSettings:
 
 
 @dataclass
+class TenancySettings:
+    """Who is calling and how much they may use: API keys, per-user and per-model limits, token usage.
+
+    Users live in Redis (``redis_url``); managed with ``brickyard users`` or the admin API."""
+
+    #: Turn tenancy on (needs ``redis_url``); off, requests are neither identified, limited nor accounted.
+    enabled: bool = False
+    #: Require ``Authorization: Bearer <key>`` of a known user on every routed request (401 otherwise).
+    #: Off: the tenant is the ``user`` header (or the body's ``user`` field), unauthenticated.
+    require_api_key: bool = False
+    #: Requests per minute of a user whose record does not set ``rpm`` (and of ``user`` headers without
+    #: a record); null: unlimited.
+    default_rpm: int | None = 100
+    #: Tokens per minute of a user whose record does not set ``tpm``; null: ``default_rpm`` x 1000.
+    default_tpm: int | None = None
+    #: Requests per second per model, whoever sends them; models not listed are unlimited.
+    model_rps: dict[str, int] = field(default_factory=dict)
+    #: When Redis cannot be reached for a limit check: ``open`` admits (logged once per outage),
+    #: ``closed`` answers 503.
+    failure_policy: Literal["open", "closed"] = "open"
+    #: Seconds a limit check or token charge may wait for Redis before the failure policy applies.
+    redis_timeout_seconds: float = 0.25
+    #: Seconds between full reloads of the users from Redis (changes also arrive by pub/sub at once).
+    users_resync_seconds: float = 30.0
+    #: Count the tokens of every request that has a tenant from its response's ``usage`` (TPM limits,
+    #: per-user token metrics). Responses of such requests pass through the gateway.
+    account_usage: bool = True
+    #: HTTP port of the admin API (users and keys); served only when an admin token is set.
+    admin_port: int = 9091
+    #: File holding the admin API's bearer token (or env ``BRICKYARD_ADMIN_TOKEN``); unset: no admin API.
+    admin_token_file: str | None = None
+
+
+@dataclass
 class GatewaySettings:
     #: Wire contract with Envoy: ``aibrix`` (target-pod header, ORIGINAL_DST cluster) or ``epp``
     #: (Gateway API Inference Extension: x-gateway-destination-endpoint header + envoy.lb metadata).
@@ -164,6 +198,11 @@ class GatewaySettings:
     metrics_stale_seconds: float = 2.0
     #: Seconds between reports of this gateway's in-flight counts to the other replicas.
     inflight_share_seconds: float = 0.05
+    #: AIBrix contract: ask Envoy for every routed request's response headers, so request counts carry
+    #: the status code (one more message per request); off, only accounted requests' are seen.
+    observe_response_status: bool = False
+    #: API keys, limits and usage accounting (need ``redis_url``).
+    tenancy: TenancySettings = field(default_factory=TenancySettings)
     #: Log level; ``debug`` logs one line per request.
     log_level: str = "info"
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)

@@ -10,20 +10,85 @@ import time
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.pod_metrics_store import PodMetricsStore
 from gateway_plugins.routing.router import Router
+from gateway_plugins.tenancy.gate import Tenancy
+
+#: Latency buckets, seconds: routing decisions (tens of microseconds) ...
+_DECISION_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+#: ... and what a client sees from an engine (milliseconds to a minute).
+_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class RequestMetrics:
+    """Per-request metrics the ext_proc streams record (the rest are read at scrape time)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "brickyard_requests",
+            "Requests by model, strategy and HTTP status (`forwarded`: the response went to the client "
+            "without passing through the gateway, so its status is unknown here).",
+            ["model", "strategy", "code"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "brickyard_routing_decision_seconds",
+            "Time to choose a pod (strategy scoring included, body parsing and limit checks not).",
+            buckets=_DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_seconds = Histogram(
+            "brickyard_time_to_first_token_seconds",
+            "From the routing decision to the first response body bytes, for responses the gateway reads.",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.itl_seconds = Histogram(
+            "brickyard_inter_token_latency_seconds",
+            "Between consecutive chunks of a streamed response (one token each from vLLM), as the gateway "
+            "sees them.",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "brickyard_prompt_tokens",
+            "Prompt tokens from the responses' usage, by model and user.",
+            ["model", "user"],
+            registry=registry,
+        )
+        self.completion_tokens = Counter(
+            "brickyard_completion_tokens",
+            "Completion tokens from the responses' usage, by model and user.",
+            ["model", "user"],
+            registry=registry,
+        )
+        self.unaccounted = Counter(
+            "brickyard_unaccounted_responses",
+            "Responses the gateway read for usage that ended without any (client gone, engine error).",
+            ["model"],
+            registry=registry,
+        )
 
 
 class PodCollector(Collector):
-    def __init__(self, pods: PodRegistry, router: Router, store: PodMetricsStore | None = None) -> None:
+    def __init__(
+        self,
+        pods: PodRegistry,
+        router: Router,
+        store: PodMetricsStore | None = None,
+        tenancy: Tenancy | None = None,
+    ) -> None:
         self.pods = pods
         self.router = router
         self.store = store
+        self.tenancy = tenancy
 
     def collect(self) -> Iterator[Metric]:
         labels = ["namespace", "pod", "model"]
@@ -43,8 +108,10 @@ class PodCollector(Collector):
             labels=labels,
         )
         now = time.time()
+        by_model: dict[str, int] = {}
         for state in self.pods.states():
             values = [state.namespace, state.name, state.model]
+            by_model[state.model] = by_model.get(state.model, 0) + state.inflight
             inflight.add_metric(values, state.inflight)
             remote.add_metric(values, state.remote_inflight)
             if state.metrics is not None:
@@ -52,6 +119,14 @@ class PodCollector(Collector):
         yield inflight
         yield remote
         yield age
+        model_inflight = GaugeMetricFamily(
+            "brickyard_requests_in_flight",
+            "Requests this gateway has routed that have not finished, by the model of the pod serving them.",
+            labels=["model"],
+        )
+        for model, count in by_model.items():
+            model_inflight.add_metric([model], count)
+        yield model_inflight
         fallbacks = CounterMetricFamily(
             "brickyard_routing_fallbacks",
             "Decisions a strategy made by its explicit fallback rule (e.g. least-request when no candidate's "
@@ -66,15 +141,33 @@ class PodCollector(Collector):
             "Decisions by a metrics-reading strategy while a candidate pod's metrics were unknown or stale.",
             value=self.router.decisions_with_unknown_metrics,
         )
+        redis_errors = CounterMetricFamily(
+            "brickyard_redis_errors",
+            "Failed Redis operations, by what the gateway was doing.",
+            labels=["use"],
+        )
         if self.store is not None:
             yield CounterMetricFamily(
                 "brickyard_pod_metrics_records",
                 "Pod-metrics records applied.",
                 value=self.store.records_received,
             )
-            yield CounterMetricFamily(
-                "brickyard_redis_errors", "Failed Redis operations.", value=self.store.redis_errors
+            redis_errors.add_metric(["pod-metrics"], self.store.redis_errors)
+        if self.tenancy is not None:
+            redis_errors.add_metric(["rate-limits"], self.tenancy.limiter.redis_errors)
+            redis_errors.add_metric(["users"], self.tenancy.users.redis_errors)
+            rejections = CounterMetricFamily(
+                "brickyard_rate_limit_rejections",
+                "Requests refused with 429, by the limit they exceeded (rpm, tpm per user; rps per model).",
+                labels=["kind"],
             )
+            for kind, count in self.tenancy.rejections.items():
+                rejections.add_metric([kind], count)
+            yield rejections
+            yield GaugeMetricFamily(
+                "brickyard_users", "Users the gateway knows.", value=self.tenancy.users.users_count
+            )
+        yield redis_errors
         ready = GaugeMetricFamily("brickyard_model_ready_pods", "Ready pods per model.", labels=["model"])
         for model in self.pods.serving_models():
             ready.add_metric([model], len(self.pods.ready_pods(model)))

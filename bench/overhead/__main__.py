@@ -10,6 +10,8 @@ run (the machine is shared and noisy, so compare within a run, as ratios):
     obvious      client -> Envoy -> an ext_proc written the obvious way (grpc.aio, json.loads)
     aibrix       client -> Envoy -> ext_proc gateway (AIBrix contract, random strategy)
     epp          client -> Envoy -> ext_proc gateway (EPP contract, random strategy)
+    limits       aibrix with tenancy: the ``user`` header's RPM/TPM checked in Redis, usage not read
+    accounting   limits + the response read for its usage (headers and body through the gateway)
 
 Open-loop load at fixed rates gives latency percentiles; ``wrk`` (closed loop,
 16 connections) gives the highest rate served without errors. CPU per request
@@ -50,7 +52,10 @@ BODY = json.dumps(
         ],
     }
 ).encode()
-PATHS = ("direct", "envoy", "obvious", "aibrix", "epp")
+PATHS = ("direct", "envoy", "obvious", "aibrix", "epp", "limits", "accounting")
+GATEWAYS = ("obvious", "aibrix", "epp", "limits", "accounting")
+#: Every request names a tenant; only the tenancy paths read it.
+HEADERS = {"user": "bench-tenant"}
 
 
 def round_robin_envoy(listen_port: int, admin_port: int, engines: list[Engine]) -> dict[str, Any]:
@@ -127,19 +132,31 @@ class Bench:
         port, _ = stack.start_envoy("aibrix", obvious, self.engines, name="envoy-obvious")
         self.envoy_pid["obvious"] = self.stack.pid("envoy-obvious")
         self.urls["obvious"] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
-        for contract in ("aibrix", "epp"):
+        redis_port = stack.start_redis()
+        for path, contract in (
+            ("aibrix", "aibrix"),
+            ("epp", "epp"),
+            ("limits", "aibrix"),
+            ("accounting", "aibrix"),
+        ):
+            extra = ["--default-strategy", "random"]
+            if path in ("limits", "accounting"):
+                config = stack.workdir / f"{path}.yaml"
+                tenancy = {"enabled": True, "default_rpm": 10**9, "account_usage": path == "accounting"}
+                config.write_text(json.dumps({"tenancy": tenancy}))
+                extra += ["--config", str(config)]
             gateway = stack.start_gateway(
                 contract,
                 endpoints,
-                "--default-strategy",
-                "random",
-                name=f"gateway-{contract}",
+                *extra,
+                name=f"gateway-{path}",
                 log_level="warning",
+                redis_port=redis_port if path in ("limits", "accounting") else None,
             )
-            self.gateway_pid[contract] = self.stack.pid(f"gateway-{contract}")
-            port, _ = stack.start_envoy(contract, gateway.grpc, self.engines, name=f"envoy-{contract}")
-            self.envoy_pid[contract] = self.stack.pid(f"envoy-{contract}")
-            self.urls[contract] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
+            self.gateway_pid[path] = self.stack.pid(f"gateway-{path}")
+            port, _ = stack.start_envoy(contract, gateway.grpc, self.engines, name=f"envoy-{path}")
+            self.envoy_pid[path] = self.stack.pid(f"envoy-{path}")
+            self.urls[path] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
         for path in PATHS[1:]:
             self.pids[path] = [self.envoy_pid[path]] + (
                 [self.gateway_pid[path]] if path in self.gateway_pid else []
@@ -157,7 +174,7 @@ class Bench:
 
     def fixed_rate(self, path: str, rate: float, duration: float) -> dict[str, float]:
         before = self.cpu(path)
-        result = uvloop.run(open_loop(self.urls[path], BODY, rate, duration))
+        result = uvloop.run(open_loop(self.urls[path], BODY, rate, duration, HEADERS))
         after = self.cpu(path)
         row = result.summary()
         for part in ("envoy", "gateway"):
@@ -215,7 +232,8 @@ def main() -> None:
         script = Path(tmp) / "post.lua"
         script.write_text(
             'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(BODY.decode())}\n"
+            + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
+            + f"wrk.body = {json.dumps(BODY.decode())}\n"
         )
         for path in PATHS:  # warm up every path (connections, caches)
             bench.fixed_rate(path, 200, 2)
@@ -287,16 +305,13 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
             else (f"{row['p50_ms'] - base['p50_ms']:+.2f} / {row['p99_ms'] - base['p99_ms']:+.2f}")
         )
         cells.append(added)
-        cells.append(f"{row['gateway_cpu_us']:.0f}" if path in ("obvious", "aibrix", "epp") else "—")
+        cells.append(f"{row['gateway_cpu_us']:.0f}" if path in GATEWAYS else "—")
         cells.append(f"{row['envoy_cpu_us']:.0f}" if path != "direct" else "—")
         maximum = med[path].get("max")
         cells.append(f"{maximum['rps']:.0f} ({maximum['errors']:.0f} errors)" if maximum else "n/a (no wrk)")
         lines.append("| " + " | ".join(cells) + " |")
     if "max" in med["envoy"]:
-        ratios = (
-            f"{p} {med[p]['max']['rps'] / med['envoy']['max']['rps']:.2f}x"
-            for p in ("obvious", "aibrix", "epp")
-        )
+        ratios = (f"{p} {med[p]['max']['rps'] / med['envoy']['max']['rps']:.2f}x" for p in GATEWAYS)
         lines += ["", f"Highest sustained rate relative to Envoy alone: {', '.join(ratios)}."]
     where = {
         kind: "at the maximum rate" if kind == "max" else f"at {kind.removeprefix('rate_')}/s"
@@ -308,6 +323,17 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
         for kind in med[p]
     )
     lines += ["", f"Gateway CPU per request relative to the obvious grpc.aio ext_proc: {', '.join(cpu)}."]
+    cost = (
+        f"{p} {med[p][top][part] - med['aibrix'][top][part]:+.0f} us {name}"
+        for p in ("limits", "accounting")
+        for part, name in (("gateway_cpu_us", "gateway"), ("envoy_cpu_us", "Envoy"))
+    )
+    lines += [
+        "",
+        f"Cost of tenancy per request at {rates[-1]:.0f}/s, over plain aibrix: {', '.join(cost)}; "
+        "`limits` is one Redis round trip (RPM and TPM checked and counted by one Lua script), "
+        "`accounting` adds the response headers and body passing through the gateway for their usage.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -47,14 +47,24 @@ def _struct(metadata: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
 
 
 def reply(
-    kind: str, mutation: pb.HeaderMutation | None = None, metadata: Mapping[str, Any] | None = None
+    kind: str,
+    mutation: pb.HeaderMutation | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    body: bytes | None = None,
+    mode: modes.ProcessingMode | None = None,
 ) -> bytes:
     """A CONTINUE reply to a ``kind`` message (``request_headers``, ``request_body``, ``response_headers``,
-    ``response_body``) with an optional header mutation and dynamic metadata."""
+    ``response_body``) with an optional header mutation, dynamic metadata, replacement body and (in
+    answer to headers) processing-mode override."""
     wrapper = pb.HeadersResponse if kind.endswith("headers") else pb.BodyResponse
     common = pb.CommonResponse(header_mutation=mutation)
+    if body is not None:
+        common.body_mutation.CopyFrom(
+            pb.BodyMutation(body=body) if body else pb.BodyMutation(clear_body=True)
+        )
     return pb.ProcessingResponse(
-        **{kind: wrapper(response=common)}, dynamic_metadata=_struct(metadata)
+        **{kind: wrapper(response=common)}, dynamic_metadata=_struct(metadata), mode_override=mode
     ).SerializeToString()
 
 
@@ -88,6 +98,26 @@ def error_reply(error: GatewayError) -> bytes:
         error.status, error.body(), error.response_headers(), f"brickyard_{error.cause}"
     )
 
+
+#: Mode overrides sent with the request-headers reply (the configured request modes stay): the response
+#: headers only (status, rate-limit headers), or the headers and the body streamed (usage accounting).
+_SEND, _SKIP = modes.ProcessingMode.SEND, modes.ProcessingMode.SKIP
+OBSERVE_RESPONSE_HEADERS = modes.ProcessingMode(
+    request_header_mode=_SEND,
+    response_header_mode=_SEND,
+    request_trailer_mode=_SKIP,
+    response_trailer_mode=_SKIP,
+    request_body_mode=modes.ProcessingMode.BUFFERED,
+    response_body_mode=modes.ProcessingMode.NONE,
+)
+OBSERVE_RESPONSE = modes.ProcessingMode(
+    request_header_mode=_SEND,
+    response_header_mode=_SEND,
+    request_trailer_mode=_SKIP,
+    response_trailer_mode=_SKIP,
+    request_body_mode=modes.ProcessingMode.BUFFERED,
+    response_body_mode=modes.ProcessingMode.STREAMED,
+)
 
 #: Replies that do not depend on the request.
 CONTINUE_REQUEST_HEADERS = reply("request_headers")

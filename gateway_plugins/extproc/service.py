@@ -14,9 +14,13 @@ from gateway_plugins.errors import GatewayError
 from gateway_plugins.extproc import messages
 from gateway_plugins.extproc.contracts import CONTRACTS
 from gateway_plugins.extproc.stream import ExtProcStream
+from gateway_plugins.metrics import RequestMetrics
 from gateway_plugins.routing.router import Decision, Router
+from gateway_plugins.tenancy.gate import Tenancy
+from gateway_plugins.tenancy.limits import Verdict
 
 if TYPE_CHECKING:
+    from brickyard.api.envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
     from gateway_plugins.transport.server import GrpcStream
 
 #: gRPC method path Envoy calls.
@@ -26,9 +30,19 @@ PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 class ExtProcService:
     """Creates one ``ExtProcStream`` per gRPC stream and encodes the replies they send."""
 
-    def __init__(self, settings: GatewaySettings, registry: PodRegistry, router: Router) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        registry: PodRegistry,
+        router: Router,
+        metrics: RequestMetrics,
+        tenancy: Tenancy | None = None,
+    ) -> None:
         self.registry = registry
         self.router = router
+        self.metrics = metrics
+        self.tenancy = tenancy
+        self.observe_response_status = settings.observe_response_status
         self.contract = CONTRACTS[settings.contract]
         #: Body modes to assume when Envoy does not report them in protocol_config.
         self.full_duplex_default = settings.contract == "epp"
@@ -43,15 +57,19 @@ class ExtProcService:
     # -- replies -------------------------------------------------------------------
 
     @staticmethod
-    def headers_reply(cleanup: tuple[dict[str, str], list[str]]) -> bytes:
+    def headers_reply(cleanup: tuple[dict[str, str], list[str]], mode: ProcessingMode | None = None) -> bytes:
         add, remove = cleanup
-        if not add and not remove:
+        if not add and not remove and mode is None:
             return messages.CONTINUE_REQUEST_HEADERS
-        return messages.reply("request_headers", messages.header_mutation(add, remove))
+        return messages.reply("request_headers", messages.header_mutation(add, remove), mode=mode)
 
-    def routed_body_reply(self, decision: Decision) -> bytes:
+    def routed_body_reply(self, decision: Decision, body: bytes | None = None) -> bytes:
         """BUFFERED mode: the destination rides on the body reply; cached per (pod, strategy) unless it
-        carries something of this request's own (fallbacks, a session id)."""
+        carries something of this request's own (fallbacks, a session id, a rewritten body)."""
+        if body is not None:
+            headers, metadata = self.contract.destination(decision)
+            headers["content-length"] = str(len(body))  # Envoy keeps the header; it must match the body
+            return messages.reply("request_body", messages.header_mutation(headers), metadata, body=body)
         if decision.fallbacks or decision.request.bound_session is not None:
             headers, metadata = self.contract.destination(decision)
             return messages.reply("request_body", messages.header_mutation(headers), metadata)
@@ -73,9 +91,11 @@ class ExtProcService:
         )
 
     @staticmethod
-    def response_headers_reply(decision: Decision | None, request_id: str) -> bytes:
-        """Tell the client which pod served it (when Envoy sends us the response headers)."""
-        headers = {"request-id": request_id}
+    def response_headers_reply(decision: Decision | None, request_id: str, verdict: Verdict | None) -> bytes:
+        """Tell the client which pod served it and where its rate limits stand (when Envoy sends us the
+        response headers)."""
+        headers = verdict.headers() if verdict is not None else {}
+        headers["request-id"] = request_id
         if decision is not None:
             headers["target-pod"] = decision.pod.name
             headers["target-pod-ip"] = decision.pod.address

@@ -102,6 +102,35 @@ class Router:
                 return strategy
         return self.default_strategy
 
+    def candidates(self, model: str, subset: Collection[str] | None = None) -> list[PodState]:
+        """The ready pods ``model`` may go to (within the EPP subset hint); 404 or 503 when there are none."""
+        pods = self.registry.ready_pods(model)
+        if not pods:
+            if not self.registry.knows_model(model):
+                raise GatewayError(
+                    404,
+                    f"The model `{model}` does not exist.",
+                    cause="model-not-found",
+                    code="model_not_found",
+                    param="model",
+                )
+            raise GatewayError(
+                503,
+                f"No ready pod serves the model `{model}`; retry later.",
+                cause="no-model-backends",
+                code="no_ready_pods",
+            )
+        if subset is not None:
+            pods = [pod for pod in pods if pod.address in subset]
+            if not pods:
+                raise GatewayError(
+                    503,
+                    f"None of the endpoints in the subset hint serves the model `{model}`.",
+                    cause="no-model-backends",
+                    code="no_ready_pods",
+                )
+        return pods
+
     def route(
         self,
         request: RoutingRequest,
@@ -112,31 +141,7 @@ class Router:
         profile: str | None = None,
     ) -> Decision:
         """Pick a pod (and up to ``fallbacks`` alternates) and count the request in flight."""
-        pods = self.registry.ready_pods(request.model)
-        if not pods:
-            if not self.registry.knows_model(request.model):
-                raise GatewayError(
-                    404,
-                    f"The model `{request.model}` does not exist.",
-                    cause="model-not-found",
-                    code="model_not_found",
-                    param="model",
-                )
-            raise GatewayError(
-                503,
-                f"No ready pod serves the model `{request.model}`; retry later.",
-                cause="no-model-backends",
-                code="no_ready_pods",
-            )
-        if subset is not None:
-            pods = [pod for pod in pods if pod.address in subset]
-            if not pods:
-                raise GatewayError(
-                    503,
-                    f"None of the endpoints in the subset hint serves the model `{request.model}`.",
-                    cause="no-model-backends",
-                    code="no_ready_pods",
-                )
+        pods = self.candidates(request.model, subset)
         if strategy is None:
             strategy = self.strategy_for(request.model, profile, pods[0].model)
         if strategy.uses_metrics and any(pod.metrics is None for pod in pods):

@@ -11,6 +11,7 @@ import grpc
 import orjson
 import pytest
 from google.protobuf import json_format
+from prometheus_client import CollectorRegistry
 
 from brickyard.api.envoy.config.core.v3 import base_pb2 as core
 from brickyard.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
@@ -20,6 +21,7 @@ from gateway_plugins.config import GatewaySettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.extproc.messages import STREAMED_CHUNK_BYTES
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
+from gateway_plugins.metrics import RequestMetrics
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.strategies import build_strategies
 from gateway_plugins.transport.server import GrpcServer
@@ -49,7 +51,8 @@ async def _harness(contract: str, **settings: object) -> AsyncIterator[Harness]:
     registry.upsert(PodInfo("cold", "10.0.1.1:8000", "cold-model", ready=False))
     config = GatewaySettings(contract=contract, **settings)  # type: ignore[arg-type]
     router = Router(registry, build_strategies(), default_strategy=config.default_strategy)
-    server = GrpcServer({PROCESS_METHOD: ExtProcService(config, registry, router)})
+    service = ExtProcService(config, registry, router, RequestMetrics(CollectorRegistry()))
+    server = GrpcServer({PROCESS_METHOD: service})
     port = await server.start("127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Harness(registry, pb_grpc.ExternalProcessorStub(channel), server)
