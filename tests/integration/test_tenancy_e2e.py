@@ -341,3 +341,63 @@ def test_usage_is_accounted_through_the_epp_contract(
     reply = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
     expected = 2 * reply.usage.total_tokens  # the same prompt and length twice
     assert wait_for(lambda: tpm_used(tenancy_redis, "epp-user") == expected)
+
+
+# -- what the gateway counts ----------------------------------------------------------------------
+
+
+def metric(gateway: GatewayPorts, name: str, **labels: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{gateway.metrics}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_an_abandoned_stream_is_counted_unaccounted_and_releases_its_pod(
+    stack: Stack, engines: list[Engine], tenancy_redis: int
+) -> None:
+    # The shared engines (Llama-3.1-8B on H100 profile) decode a token every few ms: the stream is
+    # still running when the client walks away.
+    config = stack.workdir / "tenant-abandon.yaml"
+    config.write_text(yaml.safe_dump({"tenancy": {"enabled": True}}))
+    endpoints = stack.write_endpoints(engines, "test-model")
+    gateway = stack.start_gateway(
+        "aibrix", endpoints, "--config", str(config), name="tenant-abandon", redis_port=tenancy_redis
+    )
+    port, _ = stack.start_envoy("aibrix", gateway.grpc, engines, name="envoy-tenant-abandon")
+    body = {"model": "test-model", "messages": CHAT, "max_tokens": 2000, "stream": True}
+    with httpx.stream(
+        "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers={"user": "quitter"}
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(6)]
+    assert wait_for(lambda: metric(gateway, "brickyard_unaccounted_responses_total", model="test-model") == 1)
+    assert wait_for(lambda: metric(gateway, "brickyard_requests_in_flight") == 0)
+    assert metric(gateway, "brickyard_time_to_first_token_seconds_count", model="test-model") == 1
+    assert metric(gateway, "brickyard_inter_token_latency_seconds_count", model="test-model") >= 1
+
+
+def test_observe_response_status_gives_every_request_its_code(
+    stack: Stack, instant_engines: list[Engine]
+) -> None:
+    config = stack.workdir / "observe.yaml"
+    config.write_text(yaml.safe_dump({"observe_response_status": True}))
+    endpoints = stack.write_endpoints(instant_engines, MODEL)
+    gateway = stack.start_gateway("aibrix", endpoints, "--config", str(config), name="observe")
+    port, _ = stack.start_envoy("aibrix", gateway.grpc, instant_engines, name="envoy-observe")
+    ok = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": MODEL, "messages": CHAT})
+    assert ok.status_code == 200
+    assert ok.headers["target-pod"].startswith("tenancy-engine-")
+    bad = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json={"model": MODEL, "messages": CHAT, "max_tokens": -1},
+    )
+    assert bad.status_code == 400  # the engine's own refusal, seen by the gateway on the way back
+    labels = {"model": MODEL, "strategy": "least-request"}
+    assert metric(gateway, "brickyard_requests_total", code="200", **labels) == 1
+    assert metric(gateway, "brickyard_requests_total", code="400", **labels) == 1
+    assert metric(gateway, "brickyard_requests_total", code="forwarded") == 0
