@@ -4,9 +4,14 @@ Envoys, token usage read from real (emulated) engine responses, Redis failure po
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +21,7 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from brickyard.stack import Engine, GatewayPorts, Stack
+from brickyard.stack import Engine, GatewayPorts, Stack, free_port
 from gateway_plugins.tenancy.users import User, UserStore
 
 MODEL = "tenant-model"
@@ -401,3 +406,44 @@ def test_observe_response_status_gives_every_request_its_code(
     assert metric(gateway, "brickyard_requests_total", code="200", **labels) == 1
     assert metric(gateway, "brickyard_requests_total", code="400", **labels) == 1
     assert metric(gateway, "brickyard_requests_total", code="forwarded") == 0
+
+
+def test_a_user_made_with_the_cli_calls_through_the_gateway(
+    stack: Stack, instant_engines: list[Engine], tenancy_redis: int, tmp_path: Path
+) -> None:
+    """The whole operator path: admin API served by the gateway, `brickyard users`, then the key in use."""
+    admin_port = free_port()
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret-admin\n")
+    url, _ = start(
+        stack,
+        instant_engines,
+        tenancy_redis,
+        "tenant-admin",
+        require_api_key=True,
+        admin_port=admin_port,
+        admin_token_file=str(token),
+    )
+    env = {**os.environ, "BRICKYARD_ADMIN_URL": f"http://127.0.0.1:{admin_port}"}
+
+    def users(*args: str, admin_token: str = "s3cret-admin") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "brickyard", "users", *args, "--token", admin_token],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    denied = users("list", admin_token="wrong")
+    assert denied.returncode == 1 and "admin token" in denied.stderr.lower()
+    assert users("create", "cli-user", "--rpm", "7").returncode == 0
+    created = users("create-key", "cli-user")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    assert wait_for(lambda: authenticated(url, key))
+    raw = client(url, key).chat.completions.with_raw_response.create(model=MODEL, messages=CHAT, max_tokens=1)
+    assert raw.headers["x-ratelimit-limit-requests"] == "7"
+    assert users("revoke-key", "cli-user", json.loads(created.stdout)["id"]).returncode == 0
+    assert wait_for(lambda: not authenticated(url, key))
