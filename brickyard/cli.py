@@ -3,6 +3,7 @@
 brickyard up          the local stack: Redis, emulated engines, gateway, Envoy
 brickyard gateway     the ext_proc gateway
 brickyard emulator    one emulated vLLM engine
+brickyard controllers the Kubernetes controllers (ModelAdapter, PodAutoscaler, model routes)
 brickyard users       users and API keys, through the gateway's admin API
 """
 
@@ -131,6 +132,33 @@ def _sidecar(args: argparse.Namespace) -> None:
     uvloop.run(_until_signal(serve(settings)))
 
 
+def _controllers(args: argparse.Namespace) -> None:
+    from controllers.app import serve
+    from controllers.config import ControllerSettings
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "namespace": args.namespace,
+            "redis_url": args.redis_url,
+            "controllers": args.controller,
+            "resync_seconds": args.resync_seconds,
+            "model_adapter.retry_base_seconds": args.retry_base_seconds,
+            "model_routes.gateway_name": args.gateway_name,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    if args.no_redis:
+        overrides["redis_url"] = None
+    try:
+        settings = typed_config.load(ControllerSettings, args.config, overrides)
+    except typed_config.ConfigError as exc:
+        sys.exit(f"brickyard controllers: {exc}")
+    logs.setup("controllers", settings.log_level)
+    uvloop.run(_until_signal(serve(settings)))
+
+
 async def _until_signal(main: Awaitable[None]) -> None:
     """Run ``main`` until SIGTERM or SIGINT, then cancel it and let it clean up."""
     task = asyncio.ensure_future(main)
@@ -164,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, run: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_, description=help_)
         sub.set_defaults(run=run)
-        sub.add_argument("--log-level", default=None if name in ("gateway", "sidecar") else "info")
+        sub.add_argument(
+            "--log-level", default=None if name in ("gateway", "sidecar", "controllers") else "info"
+        )
         return sub
 
     up = command("up", _up, "Run the local stack until Ctrl-C: Redis, engines, gateway, Envoy.")
@@ -225,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--port", type=int)
     sc.add_argument("--adapter-dir")
     sc.add_argument("--max-adapters", type=int)
+
+    ctl = command("controllers", _controllers, "Run the Kubernetes controllers (docs/controllers.md).")
+    ctl.add_argument("--config", help="YAML settings file (see docs/controllers.md)")
+    ctl.add_argument("--namespace", help="namespace to watch and act in (default: all)")
+    ctl.add_argument("--redis-url", help="Redis with the sidecars' pod-metrics records")
+    ctl.add_argument("--no-redis", action="store_true", help="run without pod-metrics records")
+    ctl.add_argument(
+        "--controller",
+        action="append",
+        choices=["model-adapter", "pod-autoscaler", "model-routes"],
+        help="a controller to run; repeatable (default: all)",
+    )
+    ctl.add_argument("--resync-seconds", type=float, help="level-triggered resync period (default 10)")
+    ctl.add_argument(
+        "--retry-base-seconds", type=float, help="ModelAdapter: first load retry delay (default 5)"
+    )
+    ctl.add_argument("--gateway-name", help="model routes: the Gateway every HTTPRoute attaches to")
 
     users_cli.add_parser(commands)
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway_plugins.admin import admin_app
 from gateway_plugins.config import GatewaySettings, TenancySettings
-from gateway_plugins.discovery.kubernetes import KubernetesDiscovery
+from gateway_plugins.discovery.kubernetes import KubernetesDiscovery, ModelAdapterDiscovery
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.discovery.static import StaticDiscovery
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
@@ -77,6 +77,13 @@ class Gateway:
                 watch_timeout_seconds=discovery.watch_timeout_seconds,
             )
             self._tasks.append(asyncio.create_task(kube.run(), name="kubernetes-discovery"))
+            if discovery.model_adapters:
+                adapters = ModelAdapterDiscovery(
+                    self.pods,
+                    namespace=discovery.namespace,
+                    watch_timeout_seconds=discovery.watch_timeout_seconds,
+                )
+                self._tasks.append(asyncio.create_task(adapters.run(), name="model-adapter-discovery"))
             # Not serving before the first list: routing on an empty view would 404 every model.
             await kube.synced.wait()
         if s.redis_url:

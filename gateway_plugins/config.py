@@ -24,6 +24,9 @@ class DiscoverySettings:
     label_selector: str = "model.aibrix.ai/name"
     #: kubernetes: server-side timeout of one watch request before it is renewed.
     watch_timeout_seconds: int = 300
+    #: kubernetes: also watch ModelAdapters (``brickyard.dev/v1alpha1``) and route each adapter only to the
+    #: pods in its ``status.instances``; without the CRD this is logged once and records alone decide.
+    model_adapters: bool = True
 
 
 @dataclass

@@ -1,29 +1,38 @@
-"""Pod discovery from the Kubernetes API: list, then watch, re-list when the watch expires.
+"""Discovery from the Kubernetes API: engine Pods, and the ModelAdapters saying where each adapter runs.
 
-The official ``kubernetes`` client is synchronous, so the list/watch loop runs
-in one daemon thread and hands every change to the event loop with
-``call_soon_threadsafe``; the registry is only ever touched on the loop.
-Responses are read as raw JSON (``_preload_content=False``): turning every
-Pod into the client's typed models costs far more than the three fields read.
+Both follow the same list/watch loop (``brickyard.kube.ListWatch``): the
+official client is synchronous, so the loop runs in a daemon thread and hands
+every change to the event loop; the registry is only ever touched on the loop.
+Responses are read as raw JSON (``_preload_content=False``): turning every Pod
+into the client's typed models costs far more than the three fields read.
+
+ModelAdapters (``brickyard.dev/v1alpha1``, written by the ModelAdapter
+controller) restrict an adapter's name to the pods in their
+``status.instances``: the gateway then routes the adapter only to pods that
+both the controller placed it on and whose pod-metrics record lists it. Without
+the CRD (404 on the list) this is logged once and adapters route by the records
+alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from gateway_plugins.discovery.registry import PodInfo, PodRegistry
+from brickyard.kube import ListCall, ListWatch, api_client_from_environment
+from gateway_plugins.discovery.registry import PodInfo, PodKey, PodRegistry
 
 log = logging.getLogger(__name__)
 
 MODEL_LABEL = "model.aibrix.ai/name"
 PORT_LABEL = "model.aibrix.ai/port"
 DEFAULT_PORT = 8000
-_BACKOFF_MAX = 30.0
+MODEL_ADAPTER_GROUP = "brickyard.dev"
+MODEL_ADAPTER_VERSION = "v1alpha1"
+MODEL_ADAPTER_PLURAL = "modeladapters"
 
 
 def pod_info(pod: Mapping[str, Any]) -> PodInfo | None:
@@ -54,7 +63,17 @@ def pod_info(pod: Mapping[str, Any]) -> PodInfo | None:
     )
 
 
+def adapter_instances(model_adapter: Mapping[str, Any]) -> tuple[str, frozenset[PodKey]]:
+    """(adapter name, pods) of a ModelAdapter object: its name and its ``status.instances``."""
+    meta = model_adapter.get("metadata") or {}
+    namespace = meta.get("namespace", "default")
+    instances = (model_adapter.get("status") or {}).get("instances") or []
+    return meta.get("name", ""), frozenset((namespace, pod) for pod in instances if isinstance(pod, str))
+
+
 class KubernetesDiscovery:
+    """Engine pods (labelled ``model.aibrix.ai/name``) into the registry."""
+
     def __init__(
         self,
         registry: PodRegistry,
@@ -67,119 +86,125 @@ class KubernetesDiscovery:
         self.registry = registry
         self.namespace = namespace
         self.label_selector = label_selector
-        self.watch_timeout_seconds = watch_timeout_seconds
         self._api_client = api_client
-        self._stop = threading.Event()
-        self._response: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.synced = asyncio.Event()
+        self._watch = ListWatch(
+            "pods",
+            self._connect,
+            on_list=self._listed,
+            on_event=self._apply,
+            watch_timeout_seconds=watch_timeout_seconds,
+        )
 
     async def run(self) -> None:
         """Run until cancelled; the first successful list sets ``synced``."""
-        self._loop = asyncio.get_running_loop()
-        thread = threading.Thread(target=self._run_thread, name="k8s-pod-watch", daemon=True)
-        thread.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._stop.set()
-            response = self._response
-            if response is not None:
-                response.close()  # unblocks a watch waiting for the next event
+        await self._watch.run()
 
-    # -- the watch thread --------------------------------------------------------------
-
-    def _run_thread(self) -> None:
-        from kubernetes import client, config  # optional dependency, imported where used
+    def _connect(self) -> ListCall:
+        from kubernetes import client
 
         if self._api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            self._api_client = client.ApiClient()
+            self._api_client = api_client_from_environment()
         api = client.CoreV1Api(self._api_client)
-        backoff = 1.0
-        while not self._stop.is_set():
-            try:
-                version = self._list(api)
-                backoff = 1.0
-                while not self._stop.is_set():
-                    version = self._watch(api, version)
-                    if version is None:
-                        break  # history expired (410): re-list
-            except Exception as exc:
-                if self._stop.is_set():
-                    return
-                log.warning("pod watch failed, retrying in %.0f s: %s", backoff, exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-
-    def _call(self, api: Any, **kwargs: Any) -> Any:
-        kwargs.update(label_selector=self.label_selector, _preload_content=False)
         if self.namespace:
-            return api.list_namespaced_pod(self.namespace, **kwargs)
-        return api.list_pod_for_all_namespaces(**kwargs)
+            return functools.partial(
+                api.list_namespaced_pod, self.namespace, label_selector=self.label_selector
+            )
+        return functools.partial(api.list_pod_for_all_namespaces, label_selector=self.label_selector)
 
-    def _list(self, api: Any) -> str:
-        response = self._call(api, _request_timeout=30)
-        data = json.loads(response.data)
-        pods = [info for item in data.get("items") or [] if (info := pod_info(item)) is not None]
-        self._post(lambda: self.registry.replace_all(pods))
-        self._post(self.synced.set)
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        pods = [info for item in items if (info := pod_info(item)) is not None]
+        self.registry.replace_all(pods)
+        self.synced.set()
         log.info("listed %d engine pods", len(pods))
-        return data["metadata"]["resourceVersion"]
-
-    def _watch(self, api: Any, version: str) -> str | None:
-        """Apply watch events from ``version``; the next version, or None on 410 Gone."""
-        self._response = response = self._call(
-            api,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.watch_timeout_seconds,
-            _request_timeout=(10, self.watch_timeout_seconds + 30),
-        )
-        try:
-            for line in _lines(response):
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        log.info("pod watch expired at resourceVersion %s; re-listing", version)
-                        return None
-                    raise RuntimeError(f"watch error: {obj.get('message')}")
-                version = (obj.get("metadata") or {}).get("resourceVersion", version)
-                if kind == "BOOKMARK":
-                    continue
-                self._apply(kind, obj)
-        finally:
-            self._response = None
-            response.close()
-        return version
 
     def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
         info = pod_info(obj)
         if info is None:
             meta = obj.get("metadata") or {}
-            namespace, name = meta.get("namespace", "default"), meta.get("name", "")
-            self._post(lambda: self.registry.remove(namespace, name))
+            self.registry.remove(meta.get("namespace", "default"), meta.get("name", ""))
         elif kind == "DELETED":
-            self._post(lambda: self.registry.remove(info.namespace, info.name))
+            self.registry.remove(info.namespace, info.name)
         else:
-            self._post(lambda: self.registry.upsert(info))
-
-    def _post(self, callback: Callable[[], None]) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(callback)
+            self.registry.upsert(info)
 
 
-def _lines(response: Any) -> Iterator[bytes]:
-    """Newline-delimited events from a streamed urllib3 response."""
-    pending = b""
-    for chunk in response.stream(amt=None, decode_content=False):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        yield from (line for line in lines if line.strip())
-    if pending.strip():
-        yield pending
+class ModelAdapterDiscovery:
+    """Each ModelAdapter's ``status.instances`` into the registry, as the only pods its adapter may use."""
+
+    def __init__(
+        self,
+        registry: PodRegistry,
+        *,
+        namespace: str | None = None,
+        watch_timeout_seconds: int = 300,
+        api_client: Any = None,
+    ) -> None:
+        self.registry = registry
+        self.namespace = namespace
+        self._api_client = api_client
+        #: ModelAdapter (namespace, name) -> (adapter name, its instances).
+        self._adapters: dict[PodKey, tuple[str, frozenset[PodKey]]] = {}
+        self.synced = asyncio.Event()
+        self.absent = False
+        self._watch = ListWatch(
+            "modeladapters",
+            self._connect,
+            on_list=self._listed,
+            on_event=self._apply,
+            on_absent=self._crd_absent,
+            watch_timeout_seconds=watch_timeout_seconds,
+        )
+
+    async def run(self) -> None:
+        await self._watch.run()
+
+    def _connect(self) -> ListCall:
+        from kubernetes import client
+
+        if self._api_client is None:
+            self._api_client = api_client_from_environment()
+        api = client.CustomObjectsApi(self._api_client)
+        args = (MODEL_ADAPTER_GROUP, MODEL_ADAPTER_VERSION)
+        if self.namespace:
+            return functools.partial(
+                api.list_namespaced_custom_object, *args, self.namespace, MODEL_ADAPTER_PLURAL
+            )
+        return functools.partial(api.list_cluster_custom_object, *args, MODEL_ADAPTER_PLURAL)
+
+    def _crd_absent(self) -> None:
+        self.absent = True
+        self.synced.set()  # nothing to wait for
+        log.warning(
+            "ModelAdapter CRD (%s/%s) not installed: adapters route by pod-metrics records alone",
+            MODEL_ADAPTER_GROUP,
+            MODEL_ADAPTER_VERSION,
+        )
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        self.absent = False
+        before = {adapter for adapter, _ in self._adapters.values()}
+        self._adapters = {_key(item): adapter_instances(item) for item in items}
+        self._publish(before | {adapter for adapter, _ in self._adapters.values()})
+        self.synced.set()
+
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        key = _key(obj)
+        touched = set()
+        if (old := self._adapters.pop(key, None)) is not None:
+            touched.add(old[0])
+        if kind != "DELETED":
+            self._adapters[key] = new = adapter_instances(obj)
+            touched.add(new[0])
+        self._publish(touched)
+
+    def _publish(self, adapters: set[str]) -> None:
+        """Hand the registry the union of the instances of every ModelAdapter of each named adapter."""
+        for adapter in adapters:
+            owners = [pods for name, pods in self._adapters.values() if name == adapter]
+            self.registry.set_adapter_instances(adapter, frozenset().union(*owners) if owners else None)
+
+
+def _key(obj: Mapping[str, Any]) -> PodKey:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace", "default"), meta.get("name", ""))

@@ -13,6 +13,11 @@ unserved (503). A pod keeps its adapters while its record is stale (the engine
 did not forget them because a record was late); they go when a record says
 otherwise, when the pod leaves discovery, or when it comes back at a new
 address (a new engine). A base model's name always means the base model.
+
+With Kubernetes discovery, the ModelAdapter controller's ``status.instances``
+narrow an adapter further (``set_adapter_instances``): its ready pods are then
+the ready pods that list it *and* that the controller placed it on. An adapter
+without a ModelAdapter is not narrowed.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class PodRegistry:
         self._models: set[str] = set()  # base models of the pods discovery reports, ready or not
         self._pod_adapters: dict[PodKey, tuple[str, ...]] = {}  # adapters each pod's record lists
         self._adapter_pods: dict[str, set[PodKey]] = {}  # ... and the reverse
+        self._instances: dict[str, frozenset[PodKey]] = {}  # adapters narrowed to their ModelAdapter's pods
         self._profiles: dict[str, ModelProfiles] = {}
         self._bad_annotations: set[tuple[PodKey, str]] = set()
         self._unavailable: set[PodKey] = set()  # ready per discovery, but its engine is known to be down
@@ -147,6 +153,20 @@ class PodRegistry:
             self._unlist(adapter, key)
         for adapter in added | gone:
             self._index_adapter(adapter)
+        for listener in self._listeners:
+            listener()
+
+    def set_adapter_instances(self, adapter: str, pods: Iterable[PodKey] | None) -> None:
+        """Route ``adapter`` only to ``pods`` (its ModelAdapter's ``status.instances``); None lifts that."""
+        before = self._instances.get(adapter)
+        after = frozenset(pods) if pods is not None else None
+        if after == before:
+            return
+        if after is None:
+            del self._instances[adapter]
+        else:
+            self._instances[adapter] = after
+        self._index_adapter(adapter)
         for listener in self._listeners:
             listener()
 
@@ -234,8 +254,11 @@ class PodRegistry:
         keys = self._adapter_pods.get(adapter)
         if keys is None:
             self._ready.pop(adapter, None)
-        else:
-            self._ready[adapter] = _by_name(self._states[key] for key in keys if self._routable(key))
+            return
+        instances = self._instances.get(adapter)
+        if instances is not None:
+            keys = keys & instances
+        self._ready[adapter] = _by_name(self._states[key] for key in keys if self._routable(key))
 
     def _unlist(self, adapter: str, key: PodKey) -> None:
         keys = self._adapter_pods[adapter]

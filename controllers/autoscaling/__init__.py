@@ -1,0 +1,1 @@
+"""Scaling algorithms of the PodAutoscaler (KPA, APA, an HPA-like baseline) as pure functions."""
