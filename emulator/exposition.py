@@ -3,8 +3,11 @@
 Names, label keys and types follow vLLM V1 (0.32): every series carries
 ``engine`` and ``model_name``; ``cache_config_info`` and ``lora_requests_info``
 are info-style gauges, the latter valued with a timestamp, with the LoRA
-state in comma-separated labels (and an extra empty-label series, as vLLM
-emits). Routers and the runtime sidecar parse exactly this.
+state in comma-separated labels. Routers and the runtime sidecar parse exactly
+this. One difference is left: vLLM keeps a ``lora_requests_info`` series for
+every combination of adapters it has logged (each valued with the time it was
+last current, so the newest is the state now), the emulator shows only the
+current one; readers that take the newest sample see the same.
 """
 
 from __future__ import annotations
@@ -75,9 +78,6 @@ def render(stats: EngineStats, model: str, *, lora_enabled: bool, prefix_caching
     )
     if lora_enabled:
         family("lora_requests_info", "gauge", "Running stats on lora requests.")
-        lines.append(
-            'vllm:lora_requests_info{max_lora="",running_lora_adapters="",waiting_lora_adapters=""} 0.0'
-        )
         lines.append(
             f'vllm:lora_requests_info{{max_lora="{stats.max_loras}",'
             f'running_lora_adapters="{",".join(stats.running_lora_adapters)}",'

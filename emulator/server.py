@@ -36,7 +36,10 @@ LOAD_FORMATS = ("load", "sglang")
 
 
 class EngineError(Exception):
-    """An error vLLM would answer with ``{"error": {message, type, param, code}}``."""
+    """An error vLLM would answer with ``{"error": {message, type, param, code}}``.
+
+    vLLM's own checks say ``BadRequestError``; its request-schema checks (FastAPI/pydantic) say
+    ``Bad Request`` with ``param`` naming the field as ``body.<field>`` (``invalid_body``)."""
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "BadRequestError",
@@ -49,6 +52,16 @@ class EngineError(Exception):
         self.status = status
         self.param = param
         self.kind = kind or self.TYPES.get(status, "Error")
+
+    @classmethod
+    def invalid_body(cls, field: str, problem: str) -> EngineError:
+        """A request-schema error, shaped as vLLM's validation errors."""
+        return cls(
+            400,
+            f"1 validation error:\n  {{'loc': 'body.{field}', 'msg': '{problem}'}}",
+            f"body.{field}",
+            "Bad Request",
+        )
 
     def response(self) -> web.Response:
         body = {"message": str(self), "type": self.kind, "param": self.param, "code": self.status}
@@ -152,14 +165,34 @@ class EmulatorApp:
             (body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None),
             DEFAULT_MAX_TOKENS,
         )
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise EngineError(400, "max_tokens must be a positive integer", "max_tokens")
-        if len(ids) + max_tokens > self.max_model_len:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise EngineError.invalid_body("max_tokens", "Input should be a valid integer")
+        # vLLM (0.32) checks, in this order: the requested length, the prompt alone, then caps max_tokens to
+        # what the context leaves (a prompt that fills it leaves 0, which is refused as such).
+        if max_tokens > self.max_model_len:
             raise EngineError(
                 400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion.",
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={self.max_model_len}. Please "
+                f"request fewer output tokens. (parameter=max_tokens, value={max_tokens})",
+                "max_tokens",
+            )
+        if len(ids) > self.max_model_len:
+            counted = self.max_model_len + 1  # vLLM stops tokenizing there: "at least" that many
+            raise EngineError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"contains at least {counted} input tokens, which exceeds this limit even without any output "
+                "tokens. Please reduce the length of the input prompt. "
+                f"(parameter=input_tokens, value={counted})",
+                "input_tokens",
+            )
+        max_tokens = min(max_tokens, self.max_model_len - len(ids))
+        if max_tokens < 1:
+            raise EngineError(
+                400,
+                f"max_tokens must be at least 1, got {max_tokens}. "
+                f"(parameter=max_tokens, value={max_tokens})",
+                "max_tokens",
             )
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -217,13 +250,17 @@ class EmulatorApp:
                     }
                 ]
             )
-        produced = 0
+        # vLLM puts finish_reason on the chunk of the last token; the emulator always generates max_tokens
+        # tokens, so that is the chunk of index max_tokens - 1 (an end chunk of its own if it stopped short).
+        produced, last = 0, generation.max_tokens - 1
         async for index in self.backend.generate(generation):
             produced += 1
             delta = {"delta": {"content": pieces[index]}} if chat else {"text": pieces[index]}
-            await send([{"index": 0, **delta, "logprobs": None, "finish_reason": None}])
-        end = {"delta": {}} if chat else {"text": ""}
-        await send([{"index": 0, **end, "logprobs": None, "finish_reason": "length"}])
+            finish = "length" if index == last else None
+            await send([{"index": 0, **delta, "logprobs": None, "finish_reason": finish}])
+        if produced <= last:
+            end = {"delta": {}} if chat else {"text": ""}
+            await send([{"index": 0, **end, "logprobs": None, "finish_reason": "length"}])
         if include_usage:
             await send([], usage=_usage(len(generation.prompt_tokens), produced))
         await response.write(b"data: [DONE]\n\n")
@@ -239,7 +276,7 @@ class EmulatorApp:
             return None
         if model in self.adapters:
             return model
-        raise EngineError(404, f"The model `{model}` does not exist.", "model")
+        raise EngineError(404, f"The model `{model}` does not exist. Valid aliases: {self.model}.", "model")
 
     async def models(self, _: web.Request) -> web.Response:
         cards = [
@@ -251,6 +288,7 @@ class EmulatorApp:
                 "root": self.model,
                 "parent": None,
                 "max_model_len": self.max_model_len,
+                "permission": [self._permission()],
             }
         ]
         cards += [
@@ -262,10 +300,27 @@ class EmulatorApp:
                 "root": path,
                 "parent": self.model,
                 "max_model_len": None,
+                "permission": [self._permission()],
             }
             for name, path in self.adapters.items()
         ]
         return self._json({"object": "list", "data": cards})
+
+    def _permission(self) -> dict[str, Any]:
+        return {
+            "id": f"modelperm-{uuid.uuid4().hex[:16]}",
+            "object": "model_permission",
+            "created": self.created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         body = await self._body(request, check_model=False)
@@ -273,12 +328,13 @@ class EmulatorApp:
         if not self.enable_lora:
             raise EngineError(400, "LoRA is not enabled: start the engine with --enable-lora.")
         if not name or not path:
-            raise EngineError(
-                400, "Both 'lora_name' and 'lora_path' must be provided.", kind="InvalidUserInput"
-            )
+            raise EngineError.invalid_body("lora_name" if not name else "lora_path", "Field required")
         if name in self.adapters:
             raise EngineError(
-                400, f"The lora adapter '{name}' has already been loaded.", kind="InvalidUserInput"
+                400,
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
+                "place, set 'load_inplace' to True.",
+                kind="InvalidUserInput",
             )
         if not await asyncio.to_thread(Path(path, "adapter_config.json").is_file):
             raise EngineError(404, f"Loading lora {name} failed: No adapter found for {path}")
@@ -289,9 +345,7 @@ class EmulatorApp:
         body = await self._body(request, check_model=False)
         name = body.get("lora_name")
         if not name:
-            raise EngineError(
-                400, "either 'lora_name' and 'lora_int_id' needs to be provided.", kind="InvalidUserInput"
-            )
+            raise EngineError.invalid_body("lora_name", "Field required")
         if self.adapters.pop(name, None) is None:
             raise EngineError(404, f"The lora adapter '{name}' cannot be found.")
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
@@ -361,9 +415,9 @@ class EmulatorApp:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
-            raise EngineError(400, f"Invalid JSON body: {exc}") from None
+            raise EngineError(400, f"JSON decode error: {exc}", "body", "Bad Request") from None
         if not isinstance(body, dict):
-            raise EngineError(400, "The request body must be a JSON object")
+            raise EngineError(400, "Input should be a valid dictionary", "body", "Bad Request")
         if check_model:
             self._model(body)
         return body
@@ -376,8 +430,12 @@ class EmulatorApp:
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise EngineError(400, "messages must be a non-empty list of objects", "messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise EngineError.invalid_body("messages", "Input should be a valid list of objects")
+    if not messages:
+        raise EngineError(
+            400, "Cannot apply chat template to an empty conversation. Provide at least one message."
+        )
     return messages
 
 
@@ -389,7 +447,9 @@ def _prompt_ids(body: dict[str, Any]) -> list[int]:
         return list(prompt)  # token ids
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return tokens.encode("".join(prompt))
-    raise EngineError(400, "prompt must be a string, a list of strings or a list of token ids", "prompt")
+    raise EngineError.invalid_body(
+        "prompt", "Input should be a string, a list of strings or a list of token ids"
+    )
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

@@ -156,12 +156,17 @@ def _histogram_family(name: str) -> str:
 def _cache_config(samples: Iterable) -> tuple[int, int]:
     for sample in samples:
         labels = sample.labels
-        block_size = int(labels.get("block_size") or labels.get("page_size") or 0)
-        blocks = labels.get("num_gpu_blocks") or labels.get("num_pages")
-        if not blocks and block_size and labels.get("kv_cache_size_tokens"):
-            blocks = int(labels["kv_cache_size_tokens"]) // block_size  # CPU builds report tokens, not blocks
-        return block_size, int(blocks or 0)
+        block_size = _count(labels.get("block_size")) or _count(labels.get("page_size"))
+        blocks = _count(labels.get("num_gpu_blocks")) or _count(labels.get("num_pages"))
+        if not blocks and block_size:
+            blocks = _count(labels.get("kv_cache_size_tokens")) // block_size  # some CPU builds: tokens only
+        return block_size, blocks
     return 0, 0
+
+
+def _count(label: str | None) -> int:
+    """A count from an info label; 0 for a missing one or vLLM's ``"None"`` (a setting left unset)."""
+    return int(label) if label and label.isdigit() else 0
 
 
 def _lora(samples: Iterable) -> tuple[tuple[str, ...], tuple[str, ...], int]:

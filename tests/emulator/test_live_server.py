@@ -91,14 +91,16 @@ async def test_streamed_chat_chunk_sequence_matches_vllm(client: TestClient) -> 
             "stream_options": {"include_usage": True},
         },
     )
-    # A role chunk, one chunk per token, a chunk with finish_reason, a usage chunk with no choices.
+    # As vLLM (checked against it in tests/real_vllm): a role chunk, one chunk per token, the last one with
+    # finish_reason, a usage chunk with no choices.
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [e["choices"][0]["delta"].get("content") for e in events[1:5]] == list(
         tokens.reply(tokens.encode(chat_prompt([{"role": "user", "content": "hi"}])), 4)[1]
     )
-    assert events[5]["choices"][0]["finish_reason"] == "length"
-    assert events[6]["choices"] == []
-    assert events[6]["usage"]["completion_tokens"] == 4
+    assert [e["choices"][0]["finish_reason"] for e in events[1:5]] == [None, None, None, "length"]
+    assert len(events) == 6
+    assert events[5]["choices"] == []
+    assert events[5]["usage"]["completion_tokens"] == 4
     assert {e["object"] for e in events} == {"chat.completion.chunk"}
     assert len({e["id"] for e in events}) == 1
 
@@ -128,8 +130,22 @@ async def test_completion_stream_without_usage(client: TestClient) -> None:
             "BadRequestError",
             "max_tokens",
         ),
-        ("/v1/completions", {"model": MODEL, "prompt": 5}, 400, "BadRequestError", "prompt"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "BadRequestError", "messages"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "max_tokens": 4096},
+            400,
+            "BadRequestError",
+            "cannot be greater than max_model_len",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": 5}, 400, "Bad Request", "body.prompt"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": []},
+            400,
+            "BadRequestError",
+            "empty conversation",
+        ),
+        ("/v1/chat/completions", {"model": MODEL, "messages": "x"}, 400, "Bad Request", "body.messages"),
     ],
 )
 async def test_engine_errors_have_vllms_shape(
@@ -145,7 +161,19 @@ async def test_engine_errors_have_vllms_shape(
 async def test_invalid_json_is_400(client: TestClient) -> None:
     response = await client.post("/v1/completions", data=b"{nope")
     assert response.status == 400
-    assert (await response.json())["error"]["type"] == "BadRequestError"
+    assert (await response.json())["error"]["type"] == "Bad Request"  # vLLM's request-schema errors
+
+
+async def test_max_tokens_is_capped_to_the_context_left(client: TestClient) -> None:
+    prompt = list(range(2040))  # token ids; the test engine's context is 2048
+    status, body = await post(
+        client, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 100}
+    )
+    assert status == 200
+    assert body["usage"]["completion_tokens"] == 8  # type: ignore[index]
+    status, error = await post(client, "/v1/completions", {"model": MODEL, "prompt": [1] * 2048})
+    assert status == 400
+    assert error["error"]["message"].startswith("max_tokens must be at least 1, got 0.")  # type: ignore[index]
 
 
 async def test_lora_lifecycle(client: TestClient, adapter_dir: Path) -> None:
@@ -170,7 +198,7 @@ async def test_lora_lifecycle(client: TestClient, adapter_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "status", "fragment"),
     [
-        ("/v1/load_lora_adapter", {"lora_name": "a"}, 400, "Both 'lora_name' and 'lora_path'"),
+        ("/v1/load_lora_adapter", {"lora_name": "a"}, 400, "body.lora_path"),
         ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/no/such/dir"}, 404, "No adapter found"),
         ("/v1/unload_lora_adapter", {"lora_name": "ghost"}, 404, "cannot be found"),
         ("/v1/unload_lora_adapter", {}, 400, "lora_name"),

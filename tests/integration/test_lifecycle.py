@@ -45,7 +45,8 @@ def test_sigterm_drains_open_streams_then_exits(
     assert _health(gateway.health, "readiness") == "NOT_SERVING"  # load balancers stop sending new streams
     assert _health(gateway.health, "liveness") == "SERVING"
     rest = list(stream)
-    assert len(rest) == 401  # every token and the finish chunk arrived
+    assert len(rest) == 400  # every token arrived (the last one's chunk carries finish_reason, as in vLLM)
+    assert rest[-1].choices[0].finish_reason == "length"
     assert child.process.wait(10) == 0
     after = httpx.post(
         f"http://127.0.0.1:{port}/v1/chat/completions",

