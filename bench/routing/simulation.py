@@ -122,7 +122,10 @@ def run_one(job: tuple[str, float, float, str]) -> dict[str, Any]:
 
 def workload_facts(name: str) -> dict[str, float]:
     workload = WORKLOADS[name]
-    capacity = saturation_throughput(workload.generator, PROFILE, options=workload.options)
+    # Over the run's own length: multi-turn histories grow with time, so a shorter run overstates capacity.
+    capacity = saturation_throughput(
+        workload.generator, PROFILE, duration=workload.duration, options=workload.options
+    )
     spec = WorkloadSpec(rate=0.8 * capacity * ENGINES, duration=workload.duration, seed=1, **workload.options)
     return {
         "capacity_per_engine_rps": capacity,
