@@ -134,7 +134,7 @@ def workload_facts(name: str) -> dict[str, float]:
 
 
 def jobs_for(name: str, capacity: float) -> list[tuple[str, float, float, str]]:
-    jobs = [(name, 0.8, capacity, s) for s in (*EVERY, *WORKLOADS[name].specific)]
+    jobs = [(name, 0.8, capacity, s) for s in dict.fromkeys((*EVERY, *WORKLOADS[name].specific))]
     for load in (0.5, 0.95):
         jobs += [(name, load, capacity, s) for s in (*BASELINES, *PREFIX_AWARE, *WORKLOADS[name].specific)]
     return jobs

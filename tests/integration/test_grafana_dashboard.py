@@ -154,7 +154,8 @@ def exposed(
     port, _ = stack.start_envoy("aibrix", gateway.grpc, [*engines, metered], name="envoy-grafana")
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for extra in ({}, {}, {"stream": True}):
+    # A stream long enough to reach the gateway in several body chunks (inter-token latency needs two).
+    for extra in ({}, {}, {"stream": True, "max_tokens": 32}):
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, **extra}, headers={"user": USER}
         )
