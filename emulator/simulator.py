@@ -6,6 +6,13 @@ uses, reading ``PodState`` exactly as in production: in-flight counts taken at
 selection and released when the request finishes, and pod-metrics records
 that reach the router ``metrics_delay`` after each scrape (the sidecar's scrape
 interval plus the Redis hop), built by the same ``MetricsWindow`` the sidecar uses.
+
+An optional ``Autoscaler`` makes the fleet elastic: every ``interval`` virtual
+seconds it sees the ready engines' load (``FleetMetrics``) and returns the
+number of engines it wants. New engines become routable ``FleetSpec.cold_start``
+seconds later (pod start and model load); engines taken away leave routing at
+once and drain: they finish what they hold, then stop. ``FleetResult.timeline``
+records the provisioned engines over time.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from brickyard.podmetrics import EngineSample, MetricsWindow, PodMetrics
 from emulator.engine import EngineCore, EngineStats, Request, RequestResult
@@ -54,11 +61,60 @@ class FleetSpec:
     seed: int = 0  # random tie-breaks in strategies
     #: Strategy knobs and presets, as in the gateway's configuration.
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    #: With an autoscaler: seconds from an engine's creation until it is routable (scheduling, image pull,
+    #: model load); it is provisioned (costs GPU time) from its creation.
+    cold_start: float = 60.0
 
     def engine_profiles(self) -> list[str]:
         """The profile of each engine, in engine order."""
         fleet = self.fleet if self.fleet is not None else {self.profile: self.engines}
         return [name for name, count in fleet.items() for _ in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetMetrics:
+    """What an autoscaler sees at one evaluation: the engine counts, and the load on the ready engines
+    (sums over them, read from the engine models at ``now``)."""
+
+    now: float
+    ready: int  # routable engines
+    starting: int  # created, not routable yet (cold start)
+    draining: int  # out of routing, finishing their requests
+    waiting: int  # requests queued in the ready engines
+    running: int  # requests in the ready engines' batches
+    kv_usage: float  # sum of the ready engines' KV-cache usage fractions
+    seats: int  # sum of the ready engines' max_num_seqs
+
+    @property
+    def replicas(self) -> int:
+        """The replica count a Deployment would report: starting and ready engines."""
+        return self.ready + self.starting
+
+
+class Autoscaler(Protocol):
+    """Decides the fleet's size; called every ``interval`` virtual seconds, from one ``interval`` after the
+    first arrival on, while the run has work."""
+
+    interval: float
+
+    def desired(self, metrics: FleetMetrics) -> int:
+        """The number of engines (starting and ready) wanted from now on."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPoint:
+    """The fleet from ``time`` on (elastic runs): engines per phase and the autoscaler's last wish."""
+
+    time: float
+    starting: int
+    ready: int
+    draining: int
+    desired: int
+
+    @property
+    def provisioned(self) -> int:
+        return self.starting + self.ready + self.draining
 
 
 @dataclass
@@ -70,6 +126,19 @@ class FleetResult:
     rejected: int
     wall_seconds: float
     routed: dict[str, int] = field(default_factory=dict)
+    #: Elastic runs only: a point at the start, at every autoscaler evaluation and at every phase change.
+    timeline: list[FleetPoint] = field(default_factory=list)
+
+    def engine_seconds(self, end: float, start: float = 0.0) -> float:
+        """Provisioned engine-seconds over ``[start, end]`` (cold-starting and draining engines count); a
+        static fleet holds all its engines throughout."""
+        if not self.timeline:
+            return len(self.engine_stats) * (end - start)
+        total = 0.0
+        for point, after in zip(self.timeline, [*self.timeline[1:], None], strict=True):
+            until = min(end, after.time if after is not None else end)
+            total += point.provisioned * max(0.0, until - max(start, point.time))
+        return total
 
     def summary(self) -> dict[str, float]:
         hits = sum(s.prefix_cache_hits for s in self.engine_stats)
@@ -91,7 +160,7 @@ class _Engine:
     not per step. ``version`` invalidates heap entries a change of plan made stale.
     """
 
-    __slots__ = ("busy_until", "core", "pod", "run_start", "version", "window")
+    __slots__ = ("busy_until", "core", "info", "phase", "pod", "ready_at", "run_start", "version", "window")
 
     def __init__(self, core: EngineCore, pod: PodState, window: MetricsWindow) -> None:
         self.core = core
@@ -100,6 +169,13 @@ class _Engine:
         self.busy_until: float | None = None
         self.run_start: float | None = None
         self.version = 0
+        #: Elastic fleets: "starting" until ``ready_at``, "ready", "draining", "stopped".
+        self.phase = _READY
+        self.ready_at = 0.0
+        self.info: PodInfo | None = None  # what discovery reports once it is ready (elastic fleets)
+
+
+_STARTING, _READY, _DRAINING, _STOPPED = "starting", "ready", "draining", "stopped"
 
 
 class FleetSimulator:
@@ -108,11 +184,16 @@ class FleetSimulator:
         spec: FleetSpec,
         *,
         strategies: Mapping[str, Strategy] | Callable[[Clock], Mapping[str, Strategy]] | None = None,
+        autoscaler: Autoscaler | None = None,
     ) -> None:
         """``strategies``: the router's strategies, or a factory of them given the virtual clock
-        (default: ``build_strategies(spec.routing)`` on that clock)."""
+        (default: ``build_strategies(spec.routing)`` on that clock). ``autoscaler``: makes the fleet
+        elastic (module docstring); ``spec`` then gives its initial size, and its engines share one
+        profile."""
         self.spec = spec
         names = spec.engine_profiles()
+        if autoscaler is not None and len(set(names)) > 1:
+            raise ValueError("an autoscaled fleet has one profile")
         loaded = {name: load_profile(name) for name in set(names)}
         profiles = [loaded[name] for name in names]
         label = spec.routing.gpu_type.label
@@ -153,6 +234,17 @@ class FleetSimulator:
         self._next_scrape = math.inf
         #: LoRA adapters registered on every engine (``_register_adapter``).
         self._adapters: tuple[str, ...] = ()
+        #: The engines that are scraped: the ready ones.
+        self._active = list(self.engines)
+        self.autoscaler = autoscaler
+        self._profile = profiles[0] if profiles else load_profile(spec.profile)
+        self._starting: deque[_Engine] = deque()  # cold-starting engines, in the order they become ready
+        self._timeline: list[FleetPoint] = []
+        self._desired = len(self.engines)
+        self._next_tick = math.inf
+        #: The next autoscaler evaluation or end of a cold start; infinite without an autoscaler.
+        self._next_control = math.inf
+        self._input_done = False
 
     def clock(self) -> float:
         """Virtual time, for strategies that expire state."""
@@ -168,6 +260,9 @@ class FleetSimulator:
             now = request.arrival
             if first_arrival is None:
                 first_arrival = now
+                if self.autoscaler is not None:
+                    self._record(self.now)
+                    self._next_tick = self._next_control = now + self.autoscaler.interval
             if self._next_scrape == math.inf and spec.metrics_interval > 0:
                 self._next_scrape = now  # scrapes pause while the fleet is idle
             self._run_until(now)
@@ -198,6 +293,7 @@ class FleetSimulator:
             engine.core.add_request(Request(rid, request.prompt_ids, request.max_tokens, lora, now), now)
             if engine.busy_until is None:
                 self._plan(engine, now)
+        self._input_done = True
         self._run_until(math.inf)
         outcomes = self._outcomes
         end = max((o.arrival + o.e2e for o in outcomes), default=0.0)
@@ -208,6 +304,7 @@ class FleetSimulator:
             rejected=rejected,
             wall_seconds=time.perf_counter() - started,
             routed=routed,
+            timeline=self._timeline,
         )
 
     def _register_adapter(self, adapter: str) -> None:
@@ -216,7 +313,8 @@ class FleetSimulator:
         be known in advance. Which adapters are in a GPU slot is up to the engine model (``max_loras``)."""
         self._adapters += (adapter,)
         for engine in self.engines:
-            self.router.registry.set_adapters(engine.pod.namespace, engine.pod.name, self._adapters)
+            if engine.phase == _READY:
+                self.router.registry.set_adapters(engine.pod.namespace, engine.pod.name, self._adapters)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -226,7 +324,7 @@ class FleetSimulator:
         while True:
             event = events[0][0] if events else math.inf
             visible = published[0][0] if published else math.inf
-            now = min(event, visible, self._next_scrape)
+            now = min(event, visible, self._next_scrape, self._next_control)
             if now > t or now == math.inf:
                 return
             self.now = now
@@ -237,10 +335,12 @@ class FleetSimulator:
                 elif payload == engine.version:
                     self._on_engine_event(engine, now)
             elif now == visible:
-                for engine, record in zip(self.engines, published.popleft()[1], strict=True):
-                    engine.pod.apply_metrics(record)
-            else:
+                for pod, record in published.popleft()[1]:
+                    pod.apply_metrics(record)
+            elif now == self._next_scrape:
                 self._scrape(now)
+            else:
+                self._control(now)
 
     def _plan(self, engine: _Engine, now: float) -> None:
         """Decide what an engine with work does from ``now``: a planned decode run, or one committed step."""
@@ -287,6 +387,10 @@ class FleetSimulator:
     def _finished(self, result: RequestResult) -> None:
         decision = self._decisions.pop(result.request_id)
         self.router.release(decision)
+        if decision.pod.inflight == 0 and self.autoscaler is not None:
+            engine = self._by_pod[id(decision.pod)]
+            if engine.phase == _DRAINING:
+                self._stop(engine, self.now)
         first_token = result.first_token if result.first_token is not None else result.finished
         self._outcomes.append(
             RequestOutcome(
@@ -301,9 +405,113 @@ class FleetSimulator:
         )
 
     def _scrape(self, now: float) -> None:
-        records = [engine.window.update(_sample(engine.core, now)) for engine in self.engines]
+        records = [(engine.pod, engine.window.update(_sample(engine.core, now))) for engine in self._active]
         self._published.append((now + self.spec.metrics_delay, records))
         self._next_scrape = now + self.spec.metrics_interval if self._events else math.inf
+
+    # -- elasticity ---------------------------------------------------------------------------
+
+    def _control(self, now: float) -> None:
+        """Ends of cold starts, then an autoscaler evaluation, as due at ``now``."""
+        while self._starting and self._starting[0].ready_at <= now:
+            self._make_ready(self._starting.popleft(), now)
+        if self._next_tick <= now:
+            autoscaler = self.autoscaler
+            assert autoscaler is not None  # ticks are only scheduled with one
+            self._evaluate(autoscaler, now)
+            more = not self._input_done or self._events or self._starting
+            self._next_tick = now + autoscaler.interval if more else math.inf
+        self._next_control = min(self._next_tick, self._starting[0].ready_at if self._starting else math.inf)
+
+    def _evaluate(self, autoscaler: Autoscaler, now: float) -> None:
+        ready = [engine for engine in self.engines if engine.phase == _READY]
+        waiting = running = seats = 0
+        kv_usage = 0.0
+        for engine in ready:
+            scheduler = engine.core.scheduler
+            waiting += len(scheduler.waiting)
+            running += scheduler.num_running
+            seats += scheduler.max_num_seqs
+            kv_usage += engine.core.kv.usage
+        draining = sum(engine.phase == _DRAINING for engine in self.engines)
+        metrics = FleetMetrics(
+            now, len(ready), len(self._starting), draining, waiting, running, kv_usage, seats
+        )
+        self._desired = desired = max(0, int(autoscaler.desired(metrics)))
+        current = metrics.replicas
+        for _ in range(desired - current):
+            self._create(now)
+        if desired < current:
+            self._shrink(current - desired, ready, now)
+        self._record(now)
+
+    def _create(self, now: float) -> None:
+        """A new engine, routable after the cold start."""
+        spec, profile, number = self.spec, self._profile, len(self.engines)
+        name = f"engine-{number}"
+        info = PodInfo(
+            name,
+            f"10.0.{number // 256}.{number % 256}:8000",
+            spec.model,
+            labels={spec.routing.gpu_type.label: profile.gpu},
+        )
+        pod = PodState(info.name, info.address, info.model, info.namespace, dict(info.labels))
+        engine = _Engine(
+            EngineCore(profile, max_loras=spec.max_loras),
+            pod,
+            MetricsWindow(spec.metrics_window, gpu_type=profile.gpu),
+        )
+        engine.phase, engine.ready_at, engine.info = _STARTING, now + spec.cold_start, info
+        self.engines.append(engine)
+        if spec.cold_start <= 0:
+            self._make_ready(engine, now)
+        else:
+            self._starting.append(engine)
+
+    def _make_ready(self, engine: _Engine, now: float) -> None:
+        registry, info = self.router.registry, engine.info
+        assert info is not None
+        registry.upsert(info)
+        pod = registry.state(info.namespace, info.name)
+        assert pod is not None
+        engine.pod = pod
+        if self._adapters:
+            registry.set_adapters(info.namespace, info.name, self._adapters)
+        self._by_pod[id(engine.pod)] = engine
+        engine.phase = _READY
+        self._active.append(engine)
+        self._record(now)
+
+    def _shrink(self, count: int, ready: list[_Engine], now: float) -> None:
+        """Remove ``count`` engines: cold-starting ones first (newest first), then the ready engines with
+        the fewest requests in flight (newest first on ties), which drain."""
+        while count and self._starting:
+            engine = self._starting.pop()
+            engine.phase = _STOPPED
+            count -= 1
+        order = sorted(range(len(ready)), key=lambda i: (ready[i].pod.inflight, -i))
+        for i in order[:count]:
+            engine = ready[i]
+            self.router.registry.remove(engine.pod.namespace, engine.pod.name)
+            engine.phase = _DRAINING
+            self._active.remove(engine)
+            if engine.pod.inflight == 0:
+                self._stop(engine, now)
+
+    def _stop(self, engine: _Engine, now: float) -> None:
+        engine.phase = _STOPPED
+        self._record(now)
+
+    def _record(self, now: float) -> None:
+        phases = [engine.phase for engine in self.engines]
+        point = FleetPoint(
+            now, phases.count(_STARTING), phases.count(_READY), phases.count(_DRAINING), self._desired
+        )
+        timeline = self._timeline
+        if timeline and timeline[-1].time == now:
+            timeline[-1] = point
+        else:
+            timeline.append(point)
 
 
 def _sample(core: EngineCore, now: float) -> EngineSample:

@@ -93,10 +93,14 @@ class _Draw:
     def segment(self, length: int) -> list[int]:
         return self._vocab.segment(self._np, length)
 
-    def arrivals(self, rate_at: Callable[[float], float] | None = None) -> Iterator[float]:
-        """Arrival times of a Poisson process at ``spec.rate`` (thinned when the rate varies in time)."""
+    def arrivals(
+        self, rate_at: Callable[[float], float] | None = None, peak: float | None = None
+    ) -> Iterator[float]:
+        """Arrival times of a Poisson process at ``spec.rate`` (thinned when the rate varies in time;
+        ``peak`` bounds ``rate_at``, else it is its maximum over a grid of 513 points)."""
         spec, rng = self.spec, self.rng
-        peak = spec.rate if rate_at is None else max(rate_at(spec.duration * i / 512) for i in range(513))
+        if peak is None:
+            peak = spec.rate if rate_at is None else max(rate_at(spec.duration * i / 512) for i in range(513))
         t = 0.0
         while True:
             t += rng.expovariate(peak)
@@ -162,19 +166,67 @@ def adapter_name(model: str, index: int) -> str:
     return f"{model}-lora-{index}"
 
 
+def bursty_rate(spec: WorkloadSpec) -> tuple[Callable[[float], float], float]:
+    """The arrival rate of ``bursty`` as a function of time, and its maximum."""
+
+    def day(t: float) -> float:
+        return spec.rate * (1 - 0.7 * math.cos(2 * math.pi * t / spec.duration))
+
+    def rate_at(t: float) -> float:
+        return day(t) * (1.8 if (t % 60) < 20 else 0.6)
+
+    # The day peaks at mid-run: within a burst, the rate is highest at the point of it closest to mid-run.
+    middle = spec.duration / 2
+    starts = [60.0 * k for k in range(math.ceil(spec.duration / 60))]
+    peak = max([0.6 * day(middle)] + [1.8 * day(min(max(middle, start), start + 20)) for start in starts])
+    return rate_at, peak
+
+
 def bursty(spec: WorkloadSpec) -> Iterator[WorkloadRequest]:
     """Unrelated prompts whose rate follows a diurnal ramp with on/off bursts.
 
     Over the run (one "day") the rate swings between 0.3x and 1.7x of
     ``rate``, and alternates 20 s bursts at 1.8x with 40 s lulls at 0.6x.
     """
-
-    def rate_at(t: float) -> float:
-        diurnal = 1 - 0.7 * math.cos(2 * math.pi * t / spec.duration)
-        return spec.rate * diurnal * (1.8 if (t % 60) < 20 else 0.6)
-
+    rate_at, _ = bursty_rate(spec)
     draw = _Draw(spec)
     for t in draw.arrivals(rate_at):
+        yield draw.request(t, draw.segment(draw.length(spec.prompt_tokens)))
+
+
+def diurnal_rate(spec: WorkloadSpec) -> tuple[Callable[[float], float], float]:
+    """The arrival rate of ``diurnal`` as a function of time, and its maximum.
+
+    A day compressed into ``duration``: a raised cosine from 0.2x of ``rate`` at the start and the end to
+    ``rate`` at mid-run, multiplied during flash crowds. Flash crowds start as a Poisson process (one
+    every 240 s on average), last 60-150 s and multiply the rate by 1.3-1.5 (uniform draws); they are
+    drawn from their own generator (``seed``), so the curve does not depend on the requests.
+    """
+    rng = random.Random(f"diurnal-bursts-{spec.seed}")
+    bursts: list[tuple[float, float, float]] = []  # (start, end, factor)
+    t = rng.expovariate(1 / 240)
+    while t < spec.duration:
+        length = rng.uniform(60, 150)
+        bursts.append((t, t + length, rng.uniform(1.3, 1.5)))
+        t += length + rng.expovariate(1 / 240)
+
+    def day(t: float) -> float:
+        return spec.rate * (0.2 + 0.8 * (1 - math.cos(2 * math.pi * t / spec.duration)) / 2)
+
+    def rate_at(t: float) -> float:
+        return day(t) * next((f for start, end, f in bursts if start <= t < end), 1.0)
+
+    # The day peaks at mid-run: within a burst, the rate is highest at the point of it closest to mid-run.
+    middle = spec.duration / 2
+    peak = max([spec.rate] + [day(min(max(middle, start), end)) * f for start, end, f in bursts])
+    return rate_at, peak
+
+
+def diurnal(spec: WorkloadSpec) -> Iterator[WorkloadRequest]:
+    """Unrelated prompts whose rate follows a compressed day with flash crowds (``diurnal_rate``)."""
+    rate_at, peak = diurnal_rate(spec)
+    draw = _Draw(spec)
+    for t in draw.arrivals(rate_at, peak):
         yield draw.request(t, draw.segment(draw.length(spec.prompt_tokens)))
 
 
@@ -228,6 +280,7 @@ WORKLOADS: dict[str, Callable[[WorkloadSpec], Iterator[WorkloadRequest]]] = {
     "no-sharing": no_sharing,
     "lora-mix": lora_mix,
     "bursty": bursty,
+    "diurnal": diurnal,
     "long-document": long_document,
 }
 
