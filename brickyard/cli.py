@@ -16,43 +16,36 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 
 from brickyard import logs, typed_config, users_cli
+
+T = TypeVar("T")
 
 
 def _gateway(args: argparse.Namespace) -> None:
     from gateway_plugins.app import serve
     from gateway_plugins.config import GatewaySettings
 
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "contract": args.contract,
-            "listen_host": args.listen_host,
-            "grpc_port": args.grpc_port,
-            "health_port": args.health_port,
-            "metrics_port": args.metrics_port,
-            "default_strategy": args.default_strategy,
-            "log_level": args.log_level,
-            "discovery.endpoints_file": args.endpoints,
-            "redis_url": args.redis_url,
-        }.items()
-        if value is not None
+    flags: dict[str, Any] = {
+        "contract": args.contract,
+        "listen_host": args.listen_host,
+        "grpc_port": args.grpc_port,
+        "health_port": args.health_port,
+        "metrics_port": args.metrics_port,
+        "default_strategy": args.default_strategy,
+        "log_level": args.log_level,
+        "discovery.endpoints_file": args.endpoints,
+        "redis_url": args.redis_url,
     }
     if args.endpoints:
-        overrides["discovery.source"] = "static"
+        flags["discovery.source"] = "static"
     if args.kubernetes:
-        overrides["discovery.source"] = "kubernetes"
-        if args.namespace:
-            overrides["discovery.namespace"] = args.namespace
-    try:
-        settings = typed_config.load(GatewaySettings, args.config, overrides)
-    except typed_config.ConfigError as exc:
-        sys.exit(f"brickyard gateway: {exc}")
-    logs.setup("gateway", settings.log_level)
+        flags["discovery.source"] = "kubernetes"
+        flags["discovery.namespace"] = args.namespace or None
+    settings = _settings("gateway", GatewaySettings, args.config, flags)
     uvloop.run(serve(settings))
 
 
@@ -103,32 +96,22 @@ def _sidecar(args: argparse.Namespace) -> None:
     from runtime_sidecar.app import serve
     from runtime_sidecar.config import SidecarSettings
 
-    overrides = {
-        key: value
-        for key, value in {
-            "engine_url": args.engine_url,
-            "engine": args.engine,
-            "pod": args.pod,
-            "namespace": args.namespace,
-            "model": args.model,
-            "gpu_type": args.gpu_type,
-            "redis_url": args.redis_url,
-            "interval_seconds": args.interval,
-            "listen_host": args.listen_host,
-            "port": args.port,
-            "adapter_dir": args.adapter_dir,
-            "max_adapters": args.max_adapters,
-            "log_level": args.log_level,
-        }.items()
-        if value is not None
+    flags = {
+        "engine_url": args.engine_url,
+        "engine": args.engine,
+        "pod": args.pod,
+        "namespace": args.namespace,
+        "model": args.model,
+        "gpu_type": args.gpu_type,
+        "redis_url": args.redis_url,
+        "interval_seconds": args.interval,
+        "listen_host": args.listen_host,
+        "port": args.port,
+        "adapter_dir": args.adapter_dir,
+        "max_adapters": args.max_adapters,
+        "log_level": args.log_level,
     }
-    if args.no_redis:
-        overrides["redis_url"] = None
-    try:
-        settings = typed_config.load(SidecarSettings, args.config, overrides)
-    except typed_config.ConfigError as exc:
-        sys.exit(f"brickyard sidecar: {exc}")
-    logs.setup("sidecar", settings.log_level)
+    settings = _settings("sidecar", SidecarSettings, args.config, flags, no_redis=args.no_redis)
     uvloop.run(_until_signal(serve(settings)))
 
 
@@ -136,27 +119,33 @@ def _controllers(args: argparse.Namespace) -> None:
     from controllers.app import serve
     from controllers.config import ControllerSettings
 
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "namespace": args.namespace,
-            "redis_url": args.redis_url,
-            "controllers": args.controller,
-            "resync_seconds": args.resync_seconds,
-            "model_adapter.retry_base_seconds": args.retry_base_seconds,
-            "model_routes.gateway_name": args.gateway_name,
-            "log_level": args.log_level,
-        }.items()
-        if value is not None
+    flags = {
+        "namespace": args.namespace,
+        "redis_url": args.redis_url,
+        "controllers": args.controller,
+        "resync_seconds": args.resync_seconds,
+        "model_adapter.retry_base_seconds": args.retry_base_seconds,
+        "model_routes.gateway_name": args.gateway_name,
+        "log_level": args.log_level,
     }
-    if args.no_redis:
+    settings = _settings("controllers", ControllerSettings, args.config, flags, no_redis=args.no_redis)
+    uvloop.run(_until_signal(serve(settings)))
+
+
+def _settings(
+    component: str, cls: type[T], path: str | None, flags: dict[str, Any], *, no_redis: bool = False
+) -> T:
+    """A component's settings: its YAML file, overridden by the flags given (unset flags keep the file's
+    values; ``no_redis`` clears ``redis_url``); exits with the setting's name on bad input; sets up logs."""
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    if no_redis:
         overrides["redis_url"] = None
     try:
-        settings = typed_config.load(ControllerSettings, args.config, overrides)
+        settings = typed_config.load(cls, path, overrides)
     except typed_config.ConfigError as exc:
-        sys.exit(f"brickyard controllers: {exc}")
-    logs.setup("controllers", settings.log_level)
-    uvloop.run(_until_signal(serve(settings)))
+        sys.exit(f"brickyard {component}: {exc}")
+    logs.setup(component, settings.log_level)  # type: ignore[attr-defined]
+    return settings
 
 
 async def _until_signal(main: Awaitable[None]) -> None:
