@@ -48,14 +48,10 @@ class Tenancy:
         self.limiter = limiter
         self.require_api_key = settings.require_api_key
         self.account_usage = settings.account_usage
-        self._default_rpm = settings.default_rpm
-        self._default_tpm = (
-            settings.default_tpm
-            if settings.default_tpm is not None
-            else None
-            if settings.default_rpm is None
-            else settings.default_rpm * 1000
-        )
+        self._default_rpm = rpm = settings.default_rpm
+        self._default_tpm = settings.default_tpm
+        if self._default_tpm is None and rpm is not None:
+            self._default_tpm = rpm * 1000  # AIBrix's default
         self._model_rps = settings.model_rps
         self._charges: set[asyncio.Task[None]] = set()
         #: Refusals by limit kind, for /metrics.
