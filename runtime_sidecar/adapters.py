@@ -17,19 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
 
-from runtime_sidecar.artifacts import ArtifactError, fetch_artifact
+from runtime_sidecar.artifacts import ArtifactError, ArtifactPolicy, fetch_artifact
 from runtime_sidecar.config import SidecarSettings
 
 log = logging.getLogger(__name__)
 
 #: HTTP status for each way an artifact can fail to arrive.
-_ARTIFACT_STATUS = {"bad_url": 400, "unsupported": 400, "not_found": 404, "checksum": 422, "transfer": 502}
+_ARTIFACT_STATUS = {
+    "bad_url": 400,
+    "unsupported": 400,
+    "forbidden": 403,
+    "not_found": 404,
+    "checksum": 422,
+    "transfer": 502,
+}
+#: Adapter names: a model name for the engine and a directory name in the cache, so nothing a path could
+#: use (no ``/``, no leading dot, hence no ``..``).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
 class AdapterError(Exception):
@@ -52,7 +64,15 @@ class AdapterManager:
         self.engine_max_loras = engine_max_loras
         self.on_listed = on_listed
         self.cache_dir = Path(settings.adapter_dir)
-        self._locks: dict[str, asyncio.Lock] = {}
+        artifacts = settings.artifacts
+        self.policy = ArtifactPolicy(
+            schemes=frozenset(artifacts.schemes),
+            hosts=frozenset(artifacts.hosts),
+            allow_private_networks=artifacts.allow_private_networks,
+            local_roots=tuple(map(Path, artifacts.local_roots)),
+        )
+        #: One lock per adapter name while someone holds or waits for it (idle ones drop out).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def models(self) -> dict:
         """The engine's ``/v1/models`` (base model and loaded adapters)."""
@@ -87,8 +107,7 @@ class AdapterManager:
         lora_path: str | None = None,
         credentials: Mapping[str, str] | None = None,
     ) -> dict:
-        if not name:
-            raise AdapterError(400, "invalid_request", "lora_name is required")
+        _check_name(name)
         if bool(artifact_url) == bool(lora_path):
             raise AdapterError(400, "invalid_request", "give exactly one of artifact_url and lora_path")
         async with self._lock(name):
@@ -104,7 +123,9 @@ class AdapterManager:
                 )
             source = artifact_url or lora_path or ""
             try:
-                path = await fetch_artifact(source, self.cache_dir, name=name, credentials=credentials)
+                path = await fetch_artifact(
+                    source, self.cache_dir, name=name, credentials=credentials, policy=self.policy
+                )
             except ArtifactError as exc:
                 raise AdapterError(
                     _ARTIFACT_STATUS.get(exc.kind, 502), f"artifact_{exc.kind}", str(exc)
@@ -116,8 +137,7 @@ class AdapterManager:
             return {"lora_name": name, "status": "loaded", "path": str(path)}
 
     async def unload(self, name: str, *, cleanup_local: bool = False) -> dict:
-        if not name:
-            raise AdapterError(400, "invalid_request", "lora_name is required")
+        _check_name(name)
         async with self._lock(name):
             if name in await self.loaded():
                 await self._engine("POST", "/v1/unload_lora_adapter", {"lora_name": name})
@@ -125,14 +145,17 @@ class AdapterManager:
                 status = "unloaded"
             else:
                 status = "not_loaded"
-            local = self.cache_dir / name
-            if cleanup_local and local.is_dir():
+            local = self.cache_dir / name  # a checked name: one directory inside the cache
+            if cleanup_local and local.is_dir() and not local.is_symlink():
                 await asyncio.to_thread(shutil.rmtree, local)
             log.info("adapter unloaded", extra={"adapter": name, "status": status, "cleanup": cleanup_local})
             return {"lora_name": name, "status": status}
 
     def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
     async def _engine(self, method: str, path: str, body: dict | None = None) -> dict:
         url = f"{self.settings.engine_url}{path}"
@@ -146,3 +169,14 @@ class AdapterManager:
                 return await response.json(content_type=None) if path == "/v1/models" else {"message": text}
         except aiohttp.ClientError as exc:
             raise AdapterError(503, "engine_unavailable", f"the engine did not answer: {exc}") from exc
+
+
+def _check_name(name: str) -> None:
+    if not name:
+        raise AdapterError(400, "invalid_request", "lora_name is required")
+    if not _NAME.fullmatch(name):
+        raise AdapterError(
+            400,
+            "invalid_request",
+            "lora_name must be 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )

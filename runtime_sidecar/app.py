@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from brickyard.credentials import SIDECAR_TOKEN_ENV, bearer_matches, read_secret, redis_client
+from brickyard.typed_config import ConfigError
 from runtime_sidecar.adapters import AdapterError, AdapterManager
 from runtime_sidecar.config import SidecarSettings
 from runtime_sidecar.publisher import MetricsPublisher
@@ -58,11 +61,31 @@ class RecordCollector(Collector):
             yield family
 
 
+def api_token(settings: SidecarSettings) -> str | None:
+    """The adapter API's bearer token; ``ConfigError`` when the API would listen beyond loopback without one
+    (anyone who reaches it could make the engine load any adapter)."""
+    token = read_secret(settings.api_token_file, SIDECAR_TOKEN_ENV)
+    if token is None and not _is_loopback(settings.listen_host):
+        raise ConfigError(
+            f"listen_host {settings.listen_host} is not a loopback address: set the adapter API's token "
+            f"(api_token_file or ${SIDECAR_TOKEN_ENV}), or listen on 127.0.0.1"
+        )
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Sidecar:
-    def __init__(self, settings: SidecarSettings) -> None:
+    def __init__(self, settings: SidecarSettings, token: str | None = None) -> None:
         self.settings = settings
+        self.token = token
         self.session: aiohttp.ClientSession | None = None
-        self.redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
         self.publisher: MetricsPublisher | None = None
         self.adapters: AdapterManager | None = None
         self.registry = CollectorRegistry()
@@ -96,14 +119,38 @@ class Sidecar:
                 await self.redis.aclose()
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/ready", self.ready)
-        app.router.add_get("/metrics", self.metrics)
+        """The adapter API (token-checked when a token is set), health, and metrics unless those have a
+        port of their own."""
+        app = web.Application(middlewares=[self._authenticate] if self.token else [])
+        self._add_health(app)
+        if self.settings.metrics_port is None:
+            app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/lora_adapter/load", self.load)
         app.router.add_post("/v1/lora_adapter/unload", self.unload)
         return app
+
+    def metrics_app(self) -> web.Application:
+        """What ``metrics_port`` serves: health and metrics, nothing that changes the engine."""
+        app = web.Application()
+        self._add_health(app)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    def _add_health(self, app: web.Application) -> None:
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/ready", self.ready)
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every ``/v1/`` call carries the token (the app has this middleware only when one is set)."""
+        if request.path.startswith("/v1/") and not bearer_matches(
+            request.headers.get("Authorization"), self.token or ""
+        ):
+            response = _error(AdapterError(401, "unauthorized", "send the sidecar's token as a bearer token"))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return await handler(request)
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -182,16 +229,25 @@ def _error(exc: AdapterError) -> web.Response:
 
 
 async def serve(settings: SidecarSettings) -> None:
-    """Run until cancelled (SIGTERM/SIGINT through the CLI)."""
-    sidecar = Sidecar(settings)
+    """Run until cancelled (SIGTERM/SIGINT through the CLI); ``ConfigError`` before anything starts when
+    the adapter API would be open to the network."""
+    sidecar = Sidecar(settings, api_token(settings))
     async with sidecar.running() as app:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, settings.listen_host, settings.port).start()
-        log.info(
-            "sidecar ready", extra={"engine": settings.engine_url, "pod": settings.pod, "port": settings.port}
-        )
+        sites = [(app, settings.port)]
+        if settings.metrics_port is not None:
+            sites.append((sidecar.metrics_app(), settings.metrics_port))
+        runners = []
         try:
+            for site_app, port in sites:
+                runner = web.AppRunner(site_app, access_log=None)
+                runners.append(runner)
+                await runner.setup()
+                await web.TCPSite(runner, settings.listen_host, port).start()
+            log.info(
+                "sidecar ready",
+                extra={"engine": settings.engine_url, "pod": settings.pod, "port": settings.port},
+            )
             await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
+            for runner in runners:
+                await runner.cleanup()

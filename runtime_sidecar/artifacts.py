@@ -4,6 +4,12 @@ The engine loads an adapter from a local directory that holds ``adapter_config.j
 ``fetch_artifact`` produces such a directory from a local path (used in place), an HTTP(S) archive, an S3
 prefix or a Hugging Face Hub repository (the last three fetched into ``cache_dir``).
 
+Callers of the adapter API are not trusted with the sidecar's network position or filesystem: an
+``ArtifactPolicy`` says which local directories and which remote schemes and hosts they may use, and
+refuses non-public addresses by default, checked on every socket opened (after DNS, for redirects too).
+Errors say what went wrong without what only the sidecar can see (directory contents, addresses,
+connection-level detail that would tell open ports from closed ones); the detail goes to the log.
+
 One sidecar process owns a ``cache_dir``; within it, fetches of one name are serialized. Layout:
 
     cache_dir/<name>/                 complete adapters; only ever appear by an atomic rename
@@ -21,10 +27,13 @@ import binascii
 import errno
 import gzip
 import hashlib
+import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import tarfile
 import tempfile
@@ -32,14 +41,18 @@ import threading
 import weakref
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
+from aiohappyeyeballs import AddrInfoType
 from multidict import CIMultiDictProxy
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -60,21 +73,46 @@ _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 _DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5"}
 #: S3 server-side encryption modes whose ETag is not the MD5 of the content.
 _ETAG_NOT_MD5_ENCRYPTION = frozenset({"aws:kms", "aws:kms:dsse"})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: Each hop is checked against the policy like the URL itself.
+_MAX_REDIRECTS = 5
+#: IANA's global unicast block: the rest of IPv6 is local, multicast, reserved or IPv4 in disguise.
+_IPV6_UNICAST = ipaddress.IPv6Network("2000::/3")
+#: NAT64 (RFC 6052): the gateway connects to the IPv4 address in the last 32 bits.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_CONNECTION_FAILED = "could not fetch the artifact (connection failed)"
+_NOT_PUBLIC = "refused to connect to an address that is not public"
 
-ArtifactErrorKind = Literal["bad_url", "not_found", "checksum", "transfer", "unsupported"]
+ArtifactErrorKind = Literal["bad_url", "not_found", "checksum", "transfer", "unsupported", "forbidden"]
 #: (hashlib algorithm, expected hex digest, where the expectation came from)
 _Checksum = tuple[str, str, str]
 
 
 class ArtifactError(Exception):
     """Why an artifact could not be fetched; ``kind`` is one of: "bad_url", "not_found", "checksum",
-    "transfer", "unsupported"."""
+    "transfer", "unsupported", "forbidden" (the policy refuses it)."""
 
     kind: ArtifactErrorKind
 
     def __init__(self, kind: ArtifactErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactPolicy:
+    """What a caller of the adapter API may make the sidecar read or fetch."""
+
+    #: URL schemes accepted for remote artifacts (subset of "http", "https", "s3", "hf").
+    schemes: frozenset[str] = frozenset({"https", "s3", "hf"})
+    #: Host names remote artifacts may come from (exact, or "*.example.com" for subdomains); empty: any host.
+    hosts: frozenset[str] = frozenset()
+    #: Allow addresses that are private, loopback, link-local, multicast, reserved or unspecified (IPv4 and
+    #: IPv6, IPv4-mapped IPv6 included). Off by default: the sidecar runs inside the cluster network.
+    allow_private_networks: bool = False
+    #: Local directories an adapter may be loaded from in place (local paths and file:// URLs); empty: no
+    #: local paths.
+    local_roots: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +137,18 @@ class _HubSource:
 
 
 async def fetch_artifact(
-    url: str, cache_dir: Path, *, name: str, credentials: Mapping[str, str] | None = None
+    url: str,
+    cache_dir: Path,
+    *,
+    name: str,
+    credentials: Mapping[str, str] | None = None,
+    policy: ArtifactPolicy,
 ) -> Path:
-    """Return a local directory holding the adapter named ``name`` from ``url``.
+    """Return a local directory holding the adapter named ``name`` from ``url``, if ``policy`` allows it.
 
-    A local path (or ``file://`` URL) is returned as is. Anything remote is fetched once into
-    ``cache_dir/<name>`` and served from there by later calls, whatever their ``url``. ``credentials``:
+    A local path (or ``file://`` URL) is returned resolved, when it lies inside one of the policy's
+    ``local_roots``. Anything remote is fetched once into ``cache_dir/<name>`` and served from there by
+    later calls, whatever their ``url`` (still checked against the policy). ``credentials``:
     ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``, ``endpoint_url`` and
     ``region`` for s3://, ``token`` for hf://; the environment fills in what is missing.
 
@@ -113,16 +157,17 @@ async def fetch_artifact(
     """
     source = _parse_url(url)
     if isinstance(source, Path):
-        await asyncio.to_thread(_require_adapter, source, url)
-        return source
+        return await asyncio.to_thread(_local_adapter, source, url, policy.local_roots)
     _check_name(name)
+    credentials = credentials or {}
+    await _authorize(source, url, credentials, policy)
     target = cache_dir / name
     async with _name_lock(cache_dir, name):
         if await asyncio.to_thread(_is_complete, target):
             return target
         staging = await asyncio.to_thread(_new_staging, cache_dir, name)
         try:
-            root = await _fetch_remote(source, staging, cache_dir / _PARTIAL / name, credentials or {})
+            root = await _fetch_remote(source, staging, cache_dir / _PARTIAL / name, credentials, policy)
             await asyncio.to_thread(_require_adapter, root, url)
             await asyncio.to_thread(_install, root, target, staging / "replaced")
         finally:
@@ -188,6 +233,140 @@ def _check_name(name: str) -> None:
         raise ValueError(f"adapter name {name!r} cannot be used as a directory name")
 
 
+# ---------------------------------------------------------------------------------------------
+# policy: which local paths, schemes, hosts and addresses a caller may use
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_adapter(path: Path, url: str, roots: tuple[Path, ...]) -> Path:
+    """``path`` resolved, when that lies inside one of ``roots`` and holds an adapter.
+
+    Resolving symlinks and ``..`` first keeps a link inside a root from leading out of it, and the engine
+    is given the resolved path. The refusal reads the same whether or not the path exists.
+    """
+    try:
+        resolved = path.resolve()
+        inside = any(resolved.is_relative_to(root.resolve()) for root in roots)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        inside = False
+    if not inside:
+        raise ArtifactError("forbidden", f"{url}: not inside a directory adapters may be loaded from")
+    _require_adapter(resolved, url)
+    return resolved
+
+
+async def _authorize(
+    source: _HttpSource | _S3Source | _HubSource,
+    url: str,
+    credentials: Mapping[str, str],
+    policy: ArtifactPolicy,
+) -> None:
+    """Refuse what ``policy`` does not let a caller fetch, before any connection is made. Addresses of
+    http(s) hosts are checked later, per connection (see ``_AddressGuard``)."""
+    if isinstance(source, _HttpSource):
+        reason = _url_refusal(urlsplit(source.url), policy)
+    else:
+        reason = _scheme_refusal("s3" if isinstance(source, _S3Source) else "hf", policy)
+    if reason:
+        raise ArtifactError("forbidden", f"{url}: {reason}")
+    # Without a caller's endpoint_url, S3 is AWS or the operator's AWS_ENDPOINT_URL(_S3), and the Hub is
+    # the operator's HF_ENDPOINT: trusted, and outside ``hosts``.
+    if isinstance(source, _S3Source) and (endpoint := credentials.get("endpoint_url")):
+        await _check_endpoint(source, endpoint, policy)
+
+
+def _scheme_refusal(scheme: str, policy: ArtifactPolicy) -> str | None:
+    if scheme in policy.schemes:
+        return None
+    accepted = ", ".join(f"{accepted}://" for accepted in sorted(policy.schemes)) or "none"
+    return f"{scheme}:// is not accepted here (accepted: {accepted})"
+
+
+def _url_refusal(parts: SplitResult, policy: ArtifactPolicy) -> str | None:
+    """Why ``policy`` refuses an http(s) URL by its scheme or host, or None."""
+    host, scheme = parts.hostname, parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return "not an http(s) URL"
+    if reason := _scheme_refusal(scheme, policy):
+        return reason
+    if not host:
+        return "no host"
+    if policy.hosts and not any(_host_matches(host, pattern) for pattern in policy.hosts):
+        return f"host {host} is not among the allowed hosts"
+    return None
+
+
+def _host_matches(host: str, pattern: str) -> bool:
+    host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
+    return host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
+
+
+async def _check_endpoint(source: _S3Source, endpoint: str, policy: ArtifactPolicy) -> None:
+    """A caller's S3 ``endpoint_url`` must pass the checks an http(s) artifact URL does.
+
+    Its addresses are checked here, but boto3 resolves the name again when it connects: a name whose
+    answer changes in between (DNS rebinding) can still lead to a non-public address, unless
+    ``policy.hosts`` limits endpoints to trusted names.
+    """
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise ArtifactError("bad_url", f"{source}: endpoint_url is not a valid URL") from None
+    if reason := _url_refusal(parts, policy):
+        raise ArtifactError("forbidden", f"{source}: endpoint_url: {reason}")
+    if policy.allow_private_networks:
+        return
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        log.warning("%s: endpoint_url %s does not resolve: %s", source, endpoint, err)
+        raise ArtifactError("transfer", f"{source}: {_CONNECTION_FAILED}") from err
+    refused = sorted({info[4][0] for info in infos if not _is_public(info[4][0])})
+    if refused:
+        log.warning("%s: endpoint_url %s resolves to non-public %s", source, endpoint, ", ".join(refused))
+        raise ArtifactError("forbidden", f"{source}: endpoint_url: {_NOT_PUBLIC}")
+
+
+def _is_public(address: str) -> bool:
+    """Whether ``address`` (the host of a socket address) is public unicast. IPv6 forms that carry an IPv4
+    address (IPv4-mapped, NAT64, 6to4) are judged by that address."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF) if ip in _NAT64 else None
+        embedded = ip.ipv4_mapped or nat64 or ip.sixtofour
+        if embedded is not None:
+            ip = embedded
+        elif ip not in _IPV6_UNICAST:
+            return False
+    # is_global leaves out private, loopback, link-local, shared (100.64/10), reserved and unspecified
+    # space, but not (before Python 3.13) IPv4 multicast.
+    return ip.is_global and not ip.is_multicast
+
+
+class _AddressGuard:
+    """aiohttp's socket factory: refuses a socket to a non-public address.
+
+    It sees the address each connection is about to use, after DNS (so a rebinding answer is caught) and
+    for IP-literal hosts too, which bypass the resolver; redirects open their connections through it.
+    """
+
+    def __init__(self) -> None:
+        #: Set when a connection was refused: the fetch then fails as "forbidden", not "transfer".
+        self.refused = False
+
+    def __call__(self, addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        if not _is_public(sockaddr[0]):
+            self.refused = True
+            log.warning("refused a connection to %s: not a public address", sockaddr[0])
+            raise PermissionError(errno.EACCES, "not a public address")
+        return socket.socket(family, type_, proto)
+
+
 #: One lock per (cache_dir, name) while someone holds or waits for it; idle locks drop out.
 _locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -215,14 +394,9 @@ def _new_staging(cache_dir: Path, name: str) -> Path:
 
 def _require_adapter(root: Path, url: str) -> None:
     if not root.is_dir():
-        raise ArtifactError("not_found", f"{url}: {root} does not exist or is not a directory")
-    if _is_complete(root):
-        return
-    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in root.iterdir())
-    listed = ", ".join(entries[:20]) + (f", ... ({len(entries)} entries)" if len(entries) > 20 else "")
-    raise ArtifactError(
-        "not_found", f"{url} has no {ADAPTER_CONFIG} at its root; it contains: {listed or 'nothing'}"
-    )
+        raise ArtifactError("not_found", f"{url}: does not exist or is not a directory")
+    if not _is_complete(root):
+        raise ArtifactError("not_found", f"{url} has no {ADAPTER_CONFIG} at its root")
 
 
 def _install(root: Path, target: Path, replaced: Path) -> None:
@@ -243,10 +417,11 @@ async def _fetch_remote(
     staging: Path,
     partial_dir: Path,
     credentials: Mapping[str, str],
+    policy: ArtifactPolicy,
 ) -> Path:
     """Fetch ``source`` under ``staging``; return the directory that should become the adapter."""
     if isinstance(source, _HttpSource):
-        return await _fetch_http(source, staging / "content", partial_dir)
+        return await _fetch_http(source, staging / "content", partial_dir, policy)
     if isinstance(source, _S3Source):
         stop = threading.Event()
         try:
@@ -261,17 +436,53 @@ async def _fetch_remote(
 # ---------------------------------------------------------------------------------------------
 
 
-async def _fetch_http(source: _HttpSource, dest: Path, partial_dir: Path) -> Path:
+@dataclass(frozen=True, slots=True)
+class _Http:
+    """GETs through ``session`` that follow redirects only to URLs ``policy`` accepts."""
+
+    session: aiohttp.ClientSession
+    policy: ArtifactPolicy
+
+    @asynccontextmanager
+    async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+        target = url
+        for _ in range(_MAX_REDIRECTS + 1):
+            async with self.session.get(target, headers=headers, allow_redirects=False) as resp:
+                location = resp.headers.get("Location")
+                if resp.status not in _REDIRECT_STATUSES or not location:
+                    yield resp
+                    return
+            try:
+                target = urljoin(target, location)
+                reason = _url_refusal(urlsplit(target), self.policy)
+            except ValueError as err:
+                reason = str(err)
+            if reason:
+                # Where it redirects to is the server's business: logged, not told.
+                log.warning("%s: refused a redirect to %s: %s", url, target, reason)
+                raise ArtifactError("forbidden", f"{url}: redirected to a URL that is not allowed")
+        raise ArtifactError("transfer", f"{url}: more than {_MAX_REDIRECTS} redirects")
+
+
+async def _fetch_http(source: _HttpSource, dest: Path, partial_dir: Path, policy: ArtifactPolicy) -> Path:
     key = hashlib.sha256(source.url.encode()).hexdigest()[:32]
     partial = partial_dir / key
     meta_path = partial_dir / f"{key}.json"
+    guard = None if policy.allow_private_networks else _AddressGuard()
     try:
-        async with aiohttp.ClientSession(timeout=_HTTP_TIMEOUT, auto_decompress=False) as session:
-            expected = await _companion_checksums(session, source.url)
-            expected += await _download(session, source.url, partial, meta_path)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(socket_factory=guard), timeout=_HTTP_TIMEOUT, auto_decompress=False
+        ) as session:
+            http = _Http(session, policy)
+            expected = await _companion_checksums(http, source.url)
+            expected += await _download(http, source.url, partial, meta_path)
     except (aiohttp.ClientError, TimeoutError) as err:
-        # The partial file stays: the next attempt continues it.
-        raise ArtifactError("transfer", f"{source.url}: {type(err).__name__}: {err}") from err
+        if guard is not None and guard.refused:
+            raise ArtifactError("forbidden", f"{source.url}: {_NOT_PUBLIC}") from err
+        # One message for every failure: telling refused, reset and garbled apart would let callers map
+        # which ports answer. The partial file stays: the next attempt continues it.
+        log.warning("%s: %s: %s", source.url, type(err).__name__, err)
+        raise ArtifactError("transfer", f"{source.url}: {_CONNECTION_FAILED}") from err
     actual = await asyncio.to_thread(_hash_file, partial, {algorithm for algorithm, _, _ in expected})
     for algorithm, want, origin in expected:
         if actual[algorithm] != want:
@@ -287,13 +498,19 @@ async def _fetch_http(source: _HttpSource, dest: Path, partial_dir: Path) -> Pat
     return root
 
 
-async def _companion_checksums(session: aiohttp.ClientSession, url: str) -> list[_Checksum]:
+def _http_status_error(kind: ArtifactErrorKind, url: str, resp: aiohttp.ClientResponse) -> ArtifactError:
+    # Not the reason phrase or body: the server's own words stay in the log.
+    log.warning("%s: HTTP %d %s", url, resp.status, resp.reason)
+    return ArtifactError(kind, f"{url}: could not fetch the artifact (HTTP {resp.status})")
+
+
+async def _companion_checksums(http: _Http, url: str) -> list[_Checksum]:
     """The checksum in ``<url>.sha256`` (``sha256sum`` output), when the server has that file."""
     parts = urlsplit(url)
     companion = urlunsplit(parts._replace(path=parts.path + ".sha256"))
-    async with session.get(companion, headers={"Accept-Encoding": "identity"}) as resp:
+    async with http.get(companion, headers={"Accept-Encoding": "identity"}) as resp:
         if resp.status >= 500:
-            raise ArtifactError("transfer", f"{companion}: HTTP {resp.status} {resp.reason}")
+            raise _http_status_error("transfer", companion, resp)
         if resp.status != 200:
             return []
         body = b""
@@ -305,9 +522,7 @@ async def _companion_checksums(session: aiohttp.ClientSession, url: str) -> list
     return [("sha256", digest, companion)]
 
 
-async def _download(
-    session: aiohttp.ClientSession, url: str, partial: Path, meta_path: Path
-) -> list[_Checksum]:
+async def _download(http: _Http, url: str, partial: Path, meta_path: Path) -> list[_Checksum]:
     """Bring ``partial`` up to the whole of ``url``, continuing from its current size when the server
     honours Range for the same entity; return the checksums the server declared for the entity."""
     meta, offset = await asyncio.to_thread(_load_partial, partial, meta_path)
@@ -316,14 +531,14 @@ async def _download(
         headers["Range"] = f"bytes={offset}-"
         if meta.get("validator"):
             headers["If-Range"] = meta["validator"]
-    async with session.get(url, headers=headers) as resp:
+    async with http.get(url, headers=headers) as resp:
         if resp.status == 416 and offset:
             if _content_range(resp.headers.get("Content-Range", ""))[1] == offset:
                 return _stored_checksums(meta)  # downloaded whole before a crash, never extracted
             await asyncio.to_thread(_discard, partial, meta_path)
             raise ArtifactError("transfer", f"{url}: the partial download no longer fits; next try restarts")
         if resp.status in (404, 410):
-            raise ArtifactError("not_found", f"{url}: HTTP {resp.status} {resp.reason}")
+            raise _http_status_error("not_found", url, resp)
         if resp.status == 206 and offset:
             if _content_range(resp.headers.get("Content-Range", ""))[0] != offset:
                 await asyncio.to_thread(_discard, partial, meta_path)
@@ -334,7 +549,7 @@ async def _download(
             await asyncio.to_thread(_write_meta, meta_path, meta)
             mode = "wb"
         else:
-            raise ArtifactError("transfer", f"{url}: HTTP {resp.status} {resp.reason}")
+            raise _http_status_error("transfer", url, resp)
         file = await asyncio.to_thread(partial.open, mode)
         try:
             async for chunk in resp.content.iter_chunked(_CHUNK):
@@ -487,7 +702,8 @@ def _s3_download(
     try:
         import boto3
         from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
     except ImportError as err:
         raise ArtifactError("unsupported", f"{source}: s3:// needs boto3, which is not installed") from err
     session = boto3.session.Session(
@@ -496,10 +712,15 @@ def _s3_download(
         aws_session_token=credentials.get("aws_session_token"),
         region_name=credentials.get("region"),
     )
-    # Without endpoint_url, boto3 reads AWS_ENDPOINT_URL(_S3) itself.
-    client = session.client(
-        "s3", endpoint_url=credentials.get("endpoint_url"), config=Config(retries={"mode": "standard"})
-    )
+    # Without endpoint_url, boto3 reads AWS_ENDPOINT_URL(_S3) itself. A caller's endpoint is addressed
+    # path-style: virtual-hosted style would connect to "<bucket>.<endpoint host>", a host name the caller
+    # picks through the bucket name, past the endpoint checks.
+    endpoint = credentials.get("endpoint_url")
+    config = Config(retries={"mode": "standard"}, s3={"addressing_style": "path"} if endpoint else None)
+    try:
+        client = session.client("s3", endpoint_url=endpoint, config=config)
+    except ValueError as err:  # an endpoint_url or region botocore cannot use (both the caller's)
+        raise ArtifactError("bad_url", f"{source}: {err}") from err
     fetched = 0
     try:
         for page in client.get_paginator("list_objects_v2").paginate(
@@ -516,7 +737,11 @@ def _s3_download(
         code = err.response.get("Error", {}).get("Code")
         kind: ArtifactErrorKind = "not_found" if code in ("NoSuchBucket", "NoSuchKey") else "transfer"
         raise ArtifactError(kind, f"{source}: {err}") from err
-    except BotoCoreError as err:
+    except (BotoConnectionError, HTTPClientError) as err:
+        # Their text tells refused, reset and timed-out connections apart, and names the endpoint.
+        log.warning("%s: %s", source, err)
+        raise ArtifactError("transfer", f"{source}: {_CONNECTION_FAILED}") from err
+    except BotoCoreError as err:  # credentials missing, parameters invalid
         raise ArtifactError("transfer", f"{source}: {err}") from err
     if not fetched:
         raise ArtifactError("not_found", f"{source}: no objects under this prefix")
@@ -573,13 +798,22 @@ def _hub_download(source: _HubSource, staging: Path, token: str | None) -> Path:
             # huggingface_hub reads HF_ENDPOINT once, at import; read it per call.
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
+    # The client's messages name the endpoint, which may be an internal mirror: they go to the log.
     except GatedRepoError as err:
-        raise ArtifactError("transfer", f"{url}: gated repository, no access with this token: {err}") from err
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise ArtifactError("not_found", f"{url}: {err}") from err
+        log.warning("%s: %s", url, err)
+        raise ArtifactError("transfer", f"{url}: gated repository, no access with this token") from err
+    except RepositoryNotFoundError as err:
+        log.warning("%s: %s", url, err)
+        raise ArtifactError("not_found", f"{url}: repository not found") from err
+    except RevisionNotFoundError as err:
+        log.warning("%s: %s", url, err)
+        raise ArtifactError("not_found", f"{url}: revision not found") from err
     except HFValidationError as err:
         raise ArtifactError("bad_url", f"{url}: {err}") from err
     except Exception as err:  # the hub client raises httpx errors, OSErrors and its own, unrelated, types
-        raise ArtifactError("transfer", f"{url}: {type(err).__name__}: {err}") from err
+        log.warning("%s: %s: %s", url, type(err).__name__, err)
+        raise ArtifactError(
+            "transfer", f"{url}: could not fetch the artifact (details in the sidecar's log)"
+        ) from err
     shutil.rmtree(local_dir / ".cache", ignore_errors=True)  # the hub client's download bookkeeping
     return local_dir

@@ -9,6 +9,22 @@ from typing import Literal
 
 
 @dataclass
+class ArtifactSettings:
+    """Where the adapter API may fetch adapters from: its callers name URLs and paths, so the sidecar must
+    not become a way into the cluster network or the pod's file system (docs/security.md)."""
+
+    #: URL schemes of remote artifacts (of ``http``, ``https``, ``s3``, ``hf``).
+    schemes: list[str] = field(default_factory=lambda: ["https", "s3", "hf"])
+    #: Hosts remote artifacts may come from (exact names, or ``*.example.com``); empty: any host.
+    hosts: list[str] = field(default_factory=list)
+    #: Fetch from private, loopback and link-local addresses (an artifact store inside the cluster).
+    allow_private_networks: bool = False
+    #: Directories adapters may be loaded from in place (``lora_path``, ``file://``, an artifact URL that is
+    #: a path); empty: none, every adapter is fetched into ``adapter_dir``.
+    local_roots: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SidecarSettings:
     #: Base URL of the engine this sidecar runs beside.
     engine_url: str = "http://127.0.0.1:8000"
@@ -31,9 +47,18 @@ class SidecarSettings:
     window_seconds: float = 2.0
     #: A scrape slower than this counts as a failure (the engine is marked unhealthy).
     scrape_timeout_seconds: float = 1.0
-    #: Address and port of the sidecar's own HTTP API.
-    listen_host: str = "0.0.0.0"
+    #: Address and port of the sidecar's HTTP API (adapters; also /healthz, /ready, /metrics). Loopback
+    #: unless a token is set: the adapter API never listens on the network unauthenticated.
+    listen_host: str = "127.0.0.1"
     port: int = 8090
+    #: File holding the adapter API's bearer token (or env ``BRICKYARD_SIDECAR_TOKEN``); required when
+    #: ``listen_host`` is not a loopback address.
+    api_token_file: str | None = None
+    #: A second port (same address) serving only /metrics, /healthz and /ready, without a token, so that a
+    #: network policy can open metrics alone to the monitoring namespace; unset: they stay on ``port``.
+    metrics_port: int | None = None
+    #: What the adapter API may fetch.
+    artifacts: ArtifactSettings = field(default_factory=ArtifactSettings)
     #: Where downloaded adapters are kept.
     adapter_dir: str = "/var/lib/brickyard/adapters"
     #: Adapters this engine may hold at once; unset uses the engine's own max LoRAs (from its metrics).

@@ -11,9 +11,10 @@ import httpx
 import pytest
 from aiohttp import web
 
-from brickyard.stack import Engine, Stack, free_port
-from tests.conftest import MODEL
+from brickyard.stack import Engine, Stack
+from tests.conftest import MODEL, sidecar_auth
 from tests.support.adapters import adapter
+from tests.support.http_server import serve_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -25,49 +26,29 @@ def lora_engine(stack: Stack) -> Engine:
 
 @pytest.fixture(scope="module")
 def sidecar(stack: Stack, lora_engine: Engine) -> str:
-    return f"http://127.0.0.1:{stack.start_sidecar(lora_engine, None, '--max-adapters', '2')}"
+    # The archive server is on loopback: a private address this sidecar must be allowed to fetch from.
+    port = stack.start_sidecar(
+        lora_engine, None, "--max-adapters", "2", "--artifact-scheme", "http", "--allow-private-networks"
+    )
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def archive_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Serves adapter archives over HTTP, as an artifact store would."""
-    import asyncio
-    import threading
-
     buffer = io.BytesIO()
     source = adapter(tmp_path_factory.mktemp("archives"), "summarizer")
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(source, arcname="summarizer")
     archive = buffer.getvalue()
-    port = free_port()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
 
-    async def serve() -> web.AppRunner:
-        app = web.Application()
+    async def summarizer(_: web.Request) -> web.Response:
+        return web.Response(body=archive)
 
-        async def summarizer(_: web.Request) -> web.Response:
-            return web.Response(body=archive)
-
-        app.router.add_get("/adapters/summarizer.tar.gz", summarizer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(serve())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait(5)
-    yield f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    app = web.Application()
+    app.router.add_get("/adapters/summarizer.tar.gz", summarizer)
+    with serve_in_thread(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def engine_models(engine: Engine) -> list[str]:
@@ -75,7 +56,7 @@ def engine_models(engine: Engine) -> list[str]:
 
 
 def call(sidecar: str, action: str, body: object) -> httpx.Response:
-    return httpx.post(f"{sidecar}/v1/lora_adapter/{action}", json=body, timeout=30)
+    return httpx.post(f"{sidecar}/v1/lora_adapter/{action}", json=body, headers=sidecar_auth(), timeout=30)
 
 
 def test_load_from_a_local_path_is_idempotent_and_unloads(
@@ -87,7 +68,7 @@ def test_load_from_a_local_path_is_idempotent_and_unloads(
     assert "sql" in engine_models(lora_engine)
     again = call(sidecar, "load", {"lora_name": "sql", "lora_path": str(path)})
     assert (again.status_code, again.json()["status"]) == (200, "already_loaded")
-    cards = httpx.get(f"{sidecar}/v1/models").json()["data"]
+    cards = httpx.get(f"{sidecar}/v1/models", headers=sidecar_auth()).json()["data"]
     assert next(m for m in cards if m["id"] == "sql")["parent"] == MODEL
     done = call(sidecar, "unload", {"lora_name": "sql"})
     assert (done.status_code, done.json()["status"]) == (200, "unloaded")
@@ -123,7 +104,7 @@ def test_load_from_http_then_unload_with_cleanup(
         ({"lora_name": "a", "lora_path": "/tmp/x", "artifact_url": "http://x/a.tgz"}, 400, "invalid_request"),
         ({"lora_name": "a", "artifact_url": "ftp://example/a.tgz"}, 400, "artifact_unsupported"),
         ({"lora_name": "a", "artifact_url": "not a url"}, 400, "artifact_bad_url"),
-        ({"lora_name": "a", "lora_path": "/no/such/adapter"}, 404, "artifact_not_found"),
+        ({"lora_name": "a", "lora_path": "/no/such/adapter"}, 403, "artifact_forbidden"),  # outside the roots
         ({"lora_name": "a", "artifact_url": "http://127.0.0.1:9/missing.tar.gz"}, 502, "artifact_transfer"),
         ({"lora_name": "a", "lora_path": "/tmp", "credentials": "secret"}, 400, "invalid_request"),
     ],
@@ -142,7 +123,7 @@ def test_missing_artifact_on_a_server_is_404(sidecar: str, archive_server: str) 
 
 
 def test_invalid_json_is_400(sidecar: str) -> None:
-    response = httpx.post(f"{sidecar}/v1/lora_adapter/load", content=b"{nope")
+    response = httpx.post(f"{sidecar}/v1/lora_adapter/load", content=b"{nope", headers=sidecar_auth())
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request"
 
