@@ -11,7 +11,6 @@ only in the answer that created it.
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 import orjson
@@ -19,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
+from brickyard.credentials import bearer_matches, parse_bearer
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.tenancy.users import (
     UNSET,
@@ -30,7 +30,6 @@ from gateway_plugins.tenancy.users import (
     UserStore,
     hash_key,
     key_id_of,
-    parse_bearer,
     validate_limit,
     validate_name,
 )
@@ -98,14 +97,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _require_token(token: str) -> Middleware:
-    expected = token.encode()
-
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = parse_bearer(request.headers.get("Authorization"))
-        if given is None:
+        authorization = request.headers.get("Authorization")
+        if parse_bearer(authorization) is None:
             raise _unauthorized("Missing admin token: send `Authorization: Bearer <admin token>`.")
-        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected):
+        if not bearer_matches(authorization, token):
             raise _unauthorized("Incorrect admin token.")
         return await handler(request)
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-from pathlib import Path
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from brickyard.credentials import read_secret, redis_client
 from gateway_plugins.admin import admin_app
 from gateway_plugins.config import GatewaySettings, TenancySettings
 from gateway_plugins.discovery.kubernetes import KubernetesDiscovery, ModelAdapterDiscovery
@@ -47,7 +45,12 @@ class Gateway:
         self.metrics = CollectorRegistry()
         self.tenancy = _tenancy(settings.tenancy, settings.redis_url) if settings.tenancy.enabled else None
         self.service = ExtProcService(
-            settings, self.pods, self.router, RequestMetrics(self.metrics), self.tenancy
+            settings,
+            self.pods,
+            self.router,
+            RequestMetrics(self.metrics),
+            self.tenancy,
+            engine_api_key=read_secret(settings.engine_credentials.api_key_file, "BRICKYARD_ENGINE_API_KEY"),
         )
         self.grpc = GrpcServer(
             {PROCESS_METHOD: self.service},
@@ -96,7 +99,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.metrics_store.run(), name="pod-metrics"))
         if self.tenancy is not None:
             self._tasks.append(asyncio.create_task(self.tenancy.users.run(), name="users"))
-            token = _admin_token(s.tenancy)
+            token = read_secret(s.tenancy.admin_token_file, "BRICKYARD_ADMIN_TOKEN")
             if token:
                 store = UserStore(s.redis_url or "")
                 self.admin_port = await self._serve_http(admin_app(store, token), s.tenancy.admin_port)
@@ -146,18 +149,11 @@ def _tenancy(settings: TenancySettings, redis_url: str | None) -> Tenancy:
         raise ValueError("tenancy needs redis_url: users and limits live in Redis")
     timeout = settings.redis_timeout_seconds
     limiter = RateLimiter(
-        aioredis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout),
+        redis_client(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout),
         fail_open=settings.failure_policy == "open",
         timeout=timeout,
     )
     return Tenancy(settings, UserDirectory(redis_url, resync_seconds=settings.users_resync_seconds), limiter)
-
-
-def _admin_token(settings: TenancySettings) -> str | None:
-    """The admin API's token: from ``admin_token_file``, else env ``BRICKYARD_ADMIN_TOKEN``."""
-    if settings.admin_token_file:
-        return Path(settings.admin_token_file).read_text().strip() or None
-    return os.environ.get("BRICKYARD_ADMIN_TOKEN") or None
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -170,6 +170,20 @@ class TenancySettings:
 
 
 @dataclass
+class EngineCredentialSettings:
+    """A tenant's credentials are for the gateway: they never reach an engine. Engines that require a key
+    of their own (vLLM's ``--api-key``) get the gateway's."""
+
+    #: Request headers removed before the request reaches an engine.
+    strip_headers: list[str] = field(
+        default_factory=lambda: ["authorization", "proxy-authorization", "x-api-key", "api-key"]
+    )
+    #: File holding the engines' API key (or env ``BRICKYARD_ENGINE_API_KEY``), sent to every engine as
+    #: ``Authorization: Bearer <key>``; unset: requests reach the engines without one.
+    api_key_file: str | None = None
+
+
+@dataclass
 class GatewaySettings:
     #: Wire contract with Envoy: ``aibrix`` (target-pod header, ORIGINAL_DST cluster) or ``epp``
     #: (Gateway API Inference Extension: x-gateway-destination-endpoint header + envoy.lb metadata).
@@ -206,6 +220,8 @@ class GatewaySettings:
     observe_response_status: bool = False
     #: API keys, limits and usage accounting (need ``redis_url``).
     tenancy: TenancySettings = field(default_factory=TenancySettings)
+    #: What the engines see of credentials: the clients' stripped, the gateway's own key added.
+    engine_credentials: EngineCredentialSettings = field(default_factory=EngineCredentialSettings)
     #: Log level; ``debug`` logs one line per request.
     log_level: str = "info"
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)

@@ -65,3 +65,10 @@ class GatewayError(Exception):
 
 def bad_request(message: str, *, cause: str, code: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, message, cause=cause, code=code, param=param)
+
+
+def internal_error() -> GatewayError:
+    """The gateway's own failure (a bug): logged where it happened, answered without details."""
+    return GatewayError(
+        500, "The gateway failed to process the request.", cause="internal", code="internal_error"
+    )

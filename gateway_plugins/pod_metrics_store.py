@@ -37,9 +37,9 @@ import time
 import uuid
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from brickyard.credentials import redis_client
 from brickyard.podmetrics import (
     INFLIGHT_CHANNEL,
     POD_CHANNEL,
@@ -64,7 +64,7 @@ class PodMetricsStore:
         gateway_id: str | None = None,
     ) -> None:
         self.registry = registry
-        self.redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.redis = redis_client(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.stale_seconds = stale_seconds
         self.share_interval = share_interval
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]

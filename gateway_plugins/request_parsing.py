@@ -96,7 +96,9 @@ def prompt_text(request: RoutingRequest) -> str:
     """The text prefix-aware routing hashes: messages or prompt flattened in order.
 
     Equal conversation prefixes give equal text prefixes, which is all prefix
-    matching needs; it is not the engine's chat template.
+    matching needs; it is not the engine's chat template. Flattening follows
+    the shapes OpenAI's API allows, without recursion: a prompt nested deeper
+    (a list of lists of lists) is a 400, never a ``RecursionError``.
     """
     body = request.body
     if request.endpoint is Endpoint.CHAT:
@@ -104,24 +106,27 @@ def prompt_text(request: RoutingRequest) -> str:
     if request.endpoint is Endpoint.RESPONSES:
         instructions = body.get("instructions")
         head = instructions + "\n" if isinstance(instructions, str) else ""
-        return head + _flatten(body.get("input"))
-    return _flatten(body.get(_PROMPT_FIELD[request.endpoint]))
+        return head + _flatten(body.get("input"), "input")
+    field = _PROMPT_FIELD[request.endpoint]
+    return _flatten(body.get(field), field)
 
 
-def _flatten(value: Any) -> str:
+def _flatten(value: Any, param: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "\n".join(_flatten_item(item) for item in value)
+        return "\n".join(_flatten_item(item, param) for item in value)
     return ""
 
 
-def _flatten_item(item: Any) -> str:
+def _flatten_item(item: Any, param: str) -> str:
     if isinstance(item, dict):  # a Responses API input item or message
         return f"{item.get('role', '')}\n{_content_text(item.get('content'))}"
-    if isinstance(item, list):  # token ids
+    if isinstance(item, list):  # one prompt of a batch, as token ids
+        if not all(type(token) is int for token in item):
+            raise _invalid(param, "a prompt given as a list must hold token ids (integers), not nested lists")
         return " ".join(map(str, item))
-    return str(item)
+    return str(item) if isinstance(item, str | int | float) else ""
 
 
 def _content_text(content: Any) -> str:

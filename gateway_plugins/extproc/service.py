@@ -12,8 +12,8 @@ from gateway_plugins.config import GatewaySettings
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.extproc import messages
-from gateway_plugins.extproc.contracts import CONTRACTS
-from gateway_plugins.extproc.stream import ExtProcStream
+from gateway_plugins.extproc.contracts import CONTRACTS, STRIPPED_REQUEST_HEADERS
+from gateway_plugins.extproc.stream import READ_HEADERS, ExtProcStream
 from gateway_plugins.metrics import RequestMetrics
 from gateway_plugins.routing.router import Decision, Router
 from gateway_plugins.tenancy.gate import Tenancy
@@ -37,6 +37,8 @@ class ExtProcService:
         router: Router,
         metrics: RequestMetrics,
         tenancy: Tenancy | None = None,
+        *,
+        engine_api_key: str | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -48,6 +50,14 @@ class ExtProcService:
         self.full_duplex_default = settings.contract == "epp"
         self.fallbacks = settings.epp_fallbacks if settings.contract == "epp" else 0
         self.max_body_bytes = settings.max_body_bytes
+        #: Client headers no engine sees: routing headers a client must not choose, EPP control headers,
+        #: and the tenant's credentials.
+        self.stripped_headers = STRIPPED_REQUEST_HEADERS | frozenset(
+            name.lower() for name in settings.engine_credentials.strip_headers
+        )
+        self.read_headers = READ_HEADERS | self.stripped_headers
+        #: Set on every routed request (and never stripped): the engines' own key.
+        self.engine_headers = {"authorization": f"Bearer {engine_api_key}"} if engine_api_key else {}
         self.log_requests = logging.getLogger("gateway_plugins.requests").isEnabledFor(logging.DEBUG)
         self._started = int(time.time())
 
@@ -65,12 +75,17 @@ class ExtProcService:
 
     def routed_body_reply(self, decision: Decision, body: bytes | None = None) -> bytes:
         """BUFFERED mode: the destination rides on the body reply; cached per (pod, strategy) unless it
-        carries something of this request's own (fallbacks, a session id, a rewritten body)."""
+        carries something of this request's own (fallbacks, a session id, a rewritten body, a combination
+        of strategies the client made up: those would grow the cache without bound)."""
         if body is not None:
             headers, metadata = self.contract.destination(decision)
             headers["content-length"] = str(len(body))  # Envoy keeps the header; it must match the body
             return messages.reply("request_body", messages.header_mutation(headers), metadata, body=body)
-        if decision.fallbacks or decision.request.bound_session is not None:
+        if (
+            decision.fallbacks
+            or decision.request.bound_session is not None
+            or self.router.label(decision.strategy) != decision.strategy
+        ):
             headers, metadata = self.contract.destination(decision)
             return messages.reply("request_body", messages.header_mutation(headers), metadata)
         encoded = decision.pod.encoded

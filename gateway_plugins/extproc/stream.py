@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway_plugins.errors import GatewayError
+from gateway_plugins.errors import GatewayError, bad_request, internal_error
 from gateway_plugins.extproc import messages
-from gateway_plugins.extproc.contracts import STRIPPED_REQUEST_HEADERS, subset_hint
+from gateway_plugins.extproc.contracts import subset_hint
 from gateway_plugins.extproc.messages import FULL_DUPLEX, ProcessingRequest
 from gateway_plugins.request_parsing import ROUTED_ENDPOINTS, parse_body
 from gateway_plugins.routing.router import Decision
@@ -52,21 +52,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway_plugins.requests")
 
-#: Request headers the gateway reads; everything else is ignored without decoding.
-_READ_HEADERS = (
-    frozenset(
-        {
-            ":path",
-            ":method",
-            "x-request-id",
-            "routing-strategy",
-            "config-profile",
-            "user",
-            "x-session-id",
-            "authorization",
-        }
-    )
-    | STRIPPED_REQUEST_HEADERS
+#: Request headers the gateway reads (besides those it strips, ``ExtProcService.stripped_headers``);
+#: everything else is ignored without decoding.
+READ_HEADERS = frozenset(
+    {
+        ":path",
+        ":method",
+        "x-request-id",
+        "routing-strategy",
+        "config-profile",
+        "user",
+        "x-session-id",
+        "authorization",
+    }
 )
 
 
@@ -146,7 +144,7 @@ class ExtProcStream:
             self._reject(error)
         except Exception:
             log.exception("ext_proc stream failed on %s", kind)
-            self._reject(GatewayError(500, "The gateway failed to process the request.", cause="internal"))
+            self._reject(internal_error())
 
     def on_end(self) -> None:
         self._grpc.finish()
@@ -165,7 +163,7 @@ class ExtProcStream:
         # Only routed requests name their model: a client's made-up model names must not become series.
         service.metrics.requests.labels(
             self._model if decision else "",
-            decision.strategy if decision else "",
+            service.router.label(decision.strategy) if decision else "",
             self._status or "forwarded",
         ).inc()
         if service.log_requests:
@@ -182,7 +180,7 @@ class ExtProcStream:
             self._reject(error)
         except Exception:
             log.exception("ext_proc stream failed while checking limits")
-            self._reject(GatewayError(500, "The gateway failed to process the request.", cause="internal"))
+            self._reject(internal_error())
         self._pending = None
         backlog, self._backlog = self._backlog, []
         for message in backlog:
@@ -196,8 +194,9 @@ class ExtProcStream:
             self._full_duplex_request = config.request_body_mode == FULL_DUPLEX
             self._full_duplex_response = config.response_body_mode == FULL_DUPLEX
         headers = self._headers
+        read = self._service.read_headers
         for header in request.request_headers.headers.headers:
-            if header.key in _READ_HEADERS:
+            if header.key in read:
                 headers[header.key] = header.raw_value.decode("utf-8", "replace")
         self._request_id = headers.get("x-request-id") or uuid.uuid4().hex
         path = headers.get(":path", "").partition("?")[0]
@@ -294,6 +293,7 @@ class ExtProcStream:
 
     def _commit(self, request: RoutingRequest, raw: bytes, body_ends_stream: bool) -> None:
         service = self._service
+        body, usage = self._prepare_usage(request, raw)
         started = time.perf_counter()
         decision = service.router.route(
             request,
@@ -302,10 +302,11 @@ class ExtProcStream:
             fallbacks=service.fallbacks,
             profile=self._headers.get("config-profile"),
         )
+        # Routed and counted in flight: from here on ``on_close`` releases it, whatever happens next.
+        self._decision = decision
+        self._usage = usage
         self._routed_at = time.perf_counter()
         service.metrics.decision_seconds.observe(self._routed_at - started)
-        self._decision = decision
-        body = self._prepare_usage(request, raw)
         if self._full_duplex_request:
             cleanup = self._cleanup_headers()
             if body is not raw:
@@ -320,27 +321,37 @@ class ExtProcStream:
         else:
             self._grpc.send(service.routed_body_reply(decision))
 
-    def _prepare_usage(self, request: RoutingRequest, raw: bytes) -> bytes:
-        """Get ready to read the response's usage when the tenant is accounted; returns the body to
-        forward, with ``stream_options.include_usage`` added when a stream would not report usage."""
+    def _prepare_usage(
+        self, request: RoutingRequest, raw: bytes
+    ) -> tuple[bytes, SseUsage | JsonUsage | None]:
+        """The body to forward and the parser of the response's usage, when the tenant is accounted: the
+        body gets ``stream_options.include_usage`` when a stream would not report usage otherwise."""
         tenancy = self._service.tenancy
         if tenancy is None or not tenancy.accounts(self._tenant):
-            return raw
+            return raw, None
         if not request.stream or request.endpoint is Endpoint.RESPONSES:  # Responses streams report usage
-            self._usage = JsonUsage() if not request.stream else SseUsage()
-            return raw
+            return raw, JsonUsage() if not request.stream else SseUsage()
         if request.include_usage:
-            self._usage = SseUsage()
-            return raw
-        self._usage = SseUsage(strip_usage_chunk=True)
+            return raw, SseUsage()
         body = dict(request.body)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return orjson.dumps(body)
+        try:
+            return orjson.dumps(body), SseUsage(strip_usage_chunk=True)
+        except orjson.JSONEncodeError:  # orjson writes 255 levels; it reads 1,024
+            raise bad_request(
+                "The request body is nested too deeply (more than 255 levels).",
+                cause="invalid-body",
+                code="invalid_value",
+            ) from None
 
     def _cleanup_headers(self) -> tuple[dict[str, str], list[str]]:
-        """Client routing headers to strip, and an ``x-request-id`` to add if it was missing."""
-        remove = [name for name in self._headers if name in STRIPPED_REQUEST_HEADERS]
-        add = {} if "x-request-id" in self._headers else {"x-request-id": self._request_id}
+        """Headers to set (the engines' own credentials, an ``x-request-id`` if missing) and the client's
+        routing headers and credentials to strip."""
+        service = self._service
+        add = service.engine_headers
+        remove = [name for name in self._headers if name in service.stripped_headers and name not in add]
+        if "x-request-id" not in self._headers:
+            add = {**add, "x-request-id": self._request_id}
         return add, remove
 
     def _reply_without_routing(self, path: str, method: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.select import rank
-from gateway_plugins.routing.strategies import Strategy, parse_weighted
+from gateway_plugins.routing.strategies import Strategy, WeightedStrategy, canonical_name, parse_weighted
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,20 @@ class Router:
         self.registry = registry
         self.strategies = dict(strategies)
         self._combinations: dict[str, Strategy] = {}
+        #: A combination a client writes the way a preset is defined is that preset.
+        self._presets = {
+            canonical_name(s.parts): s for s in self.strategies.values() if isinstance(s, WeightedStrategy)
+        }
         try:
             self.default_strategy = self.lookup(default_strategy)
             self.model_strategies = {m: self.lookup(s) for m, s in (model_strategies or {}).items()}
         except ValueError as exc:
             raise ValueError(f"routing strategy in configuration: {exc}") from None
+        #: Strategy names that may label metrics: the registered ones and those the configuration names.
+        #: A combination made up by a client is labelled ``combination``, so no header creates a series.
+        self._labels = frozenset(
+            [*self.strategies, self.default_strategy.name, *(s.name for s in self.model_strategies.values())]
+        )
         #: Decisions by a metric-reading strategy while some candidate's metrics were unknown.
         self.decisions_with_unknown_metrics = 0
 
@@ -66,10 +75,15 @@ class Router:
         if "," not in name and ":" not in name:
             raise ValueError(f"unknown strategy '{name}'; known: {', '.join(sorted(self.strategies))}")
         strategy = parse_weighted(name, self.strategies)
+        strategy = self._presets.get(strategy.name, strategy)
         if len(self._combinations) >= _MAX_COMBINATIONS:
             self._combinations.pop(next(iter(self._combinations)))
         self._combinations[name] = strategy
         return strategy
+
+    def label(self, name: str) -> str:
+        """``name`` as a metric label: itself when registered or configured, else ``combination``."""
+        return name if name in self._labels else "combination"
 
     def strategy(self, name: str) -> Strategy:
         """The strategy a ``routing-strategy`` header names; 400 if there is none."""
@@ -148,10 +162,12 @@ class Router:
             self.decisions_with_unknown_metrics += 1
         order = rank(strategy.score(request, pods), 1 + fallbacks)
         chosen = pods[order[0]]
+        tokens = request.prompt_tokens
+        strategy.on_routed(request, chosen)
+        # Nothing below can fail: only a request that is routed counts in flight (``release`` undoes it).
         chosen.inflight += 1
         chosen.routed_since_record += 1
-        chosen.tokens_since_record += request.prompt_tokens
-        strategy.on_routed(request, chosen)
+        chosen.tokens_since_record += tokens
         return Decision(chosen, [pods[i] for i in order[1:]], strategy.name, request, strategy)
 
     @staticmethod

@@ -15,11 +15,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from brickyard.credentials import parse_bearer
 from gateway_plugins.config import TenancySettings
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.tenancy.limits import Limit, RateLimiter, Verdict, model_rps, user_rpm, user_tpm
 from gateway_plugins.tenancy.usage import Usage
-from gateway_plugins.tenancy.users import UserDirectory, parse_bearer
+from gateway_plugins.tenancy.users import UserDirectory
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from brickyard.credentials import redis_client
+
 log = logging.getLogger(__name__)
 
 USER_KEY_PREFIX = "brickyard:user:"
@@ -195,7 +197,7 @@ UNSET = _Unset.UNSET
 
 
 def _connect(redis_url: str) -> aioredis.Redis:
-    return aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return redis_client(redis_url, socket_timeout=2, socket_connect_timeout=2)
 
 
 async def _all_records(redis: aioredis.Redis) -> list[bytes]:
@@ -434,13 +436,3 @@ class UserDirectory:
         if self._down_since is not None:
             log.info("Redis available again after %.1f s", time.monotonic() - self._down_since)
             self._down_since = None
-
-
-def parse_bearer(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), else None."""
-    if not authorization:
-        return None
-    parts = authorization.split()
-    if len(parts) != 2 or parts[0].lower() != "bearer":
-        return None
-    return parts[1]

@@ -23,7 +23,8 @@ from gateway_plugins.extproc.messages import STREAMED_CHUNK_BYTES
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
 from gateway_plugins.metrics import RequestMetrics
 from gateway_plugins.routing.router import Router
-from gateway_plugins.routing.strategies import build_strategies
+from gateway_plugins.routing.strategies import Stateless, Strategy, build_strategies
+from gateway_plugins.routing.types import PodState, RoutingRequest
 from gateway_plugins.transport.server import GrpcServer
 
 MODEL = "llama"
@@ -40,22 +41,40 @@ class Harness:
     registry: PodRegistry
     stub: pb_grpc.ExternalProcessorStub
     server: GrpcServer
+    metrics: CollectorRegistry
 
     def inflight(self) -> list[int]:
         return [p.inflight for p in self.registry.ready_pods(MODEL)]
 
+    def strategy_labels(self) -> set[str]:
+        return {
+            sample.labels["strategy"]
+            for family in self.metrics.collect()
+            if family.name == "brickyard_requests"
+            for sample in family.samples
+        }
 
-async def _harness(contract: str, **settings: object) -> AsyncIterator[Harness]:
+
+async def _harness(
+    contract: str,
+    *,
+    strategies: dict[str, Strategy] | None = None,
+    engine_api_key: str | None = None,
+    **settings: object,
+) -> AsyncIterator[Harness]:
     registry = PodRegistry()
     registry.replace_all([PodInfo(f"pod-{i}", f"10.0.0.{i}:8000", MODEL) for i in range(3)])
     registry.upsert(PodInfo("cold", "10.0.1.1:8000", "cold-model", ready=False))
     config = GatewaySettings(contract=contract, **settings)  # type: ignore[arg-type]
-    router = Router(registry, build_strategies(), default_strategy=config.default_strategy)
-    service = ExtProcService(config, registry, router, RequestMetrics(CollectorRegistry()))
+    router = Router(
+        registry, {**build_strategies(), **(strategies or {})}, default_strategy=config.default_strategy
+    )
+    metrics = CollectorRegistry()
+    service = ExtProcService(config, registry, router, RequestMetrics(metrics), engine_api_key=engine_api_key)
     server = GrpcServer({PROCESS_METHOD: service})
     port = await server.start("127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Harness(registry, pb_grpc.ExternalProcessorStub(channel), server)
+        yield Harness(registry, pb_grpc.ExternalProcessorStub(channel), server, metrics)
     await server.drain(0.1)
 
 
@@ -350,3 +369,84 @@ async def test_debug_logging_writes_one_line_per_request(caplog: pytest.LogCaptu
     assert lines[0].pod.startswith("pod-")
     assert lines[0].strategy == "least-request"
     assert lines[1].pod is None
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+
+def nested(depth: int) -> str:
+    """JSON text of a list ``depth`` levels deep (built as text: orjson writes only 255 levels)."""
+    return "[" * depth + "1" + "]" * depth
+
+
+class Broken(Stateless):
+    """A strategy with a bug: the gateway answers 500 with a code and counts nothing."""
+
+    name = "broken"
+
+    def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
+        raise ZeroDivisionError("a bug")
+
+
+@pytest.mark.parametrize("contract", ["aibrix", "epp"])
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "prompt", nested(1000)),  # orjson reads up to 1,024 levels
+        ("/v1/completions", "prompt", "[[1, 2], [3, [4]]]"),
+        ("/v1/embeddings", "input", nested(3)),
+        ("/v1/responses", "input", f"[{nested(500)}]"),
+    ],
+)
+async def test_nested_prompts_are_400_and_count_nothing(
+    contract: str, path: str, field: str, value: str
+) -> None:
+    """A prompt nested deeper than OpenAI's shapes once hit Python's recursion limit after the pod's
+    in-flight count was raised: a 500 without a code and a count never released."""
+    raw = f'{{"model": "{MODEL}", "{field}": {value}}}'.encode()
+    messages = [headers(path, config=DUPLEX if contract == "epp" else BUFFERED), body(raw)]
+    async for harness in _harness(contract):
+        replies = await exchange(harness, messages, 1 if contract == "epp" else 2)
+        status, error = error_of(replies[-1])
+        assert (status, error["code"], error["param"]) == (400, "invalid_value", field)
+        assert harness.inflight() == [0, 0, 0]
+
+
+async def test_a_bug_is_a_500_with_a_code_and_counts_nothing() -> None:
+    async for harness in _harness("aibrix", strategies={"broken": Broken()}):
+        replies = await exchange(harness, [headers(**{"routing-strategy": "broken"}), body(CHAT)], 2)
+        status, error = error_of(replies[-1])
+        assert (status, error["code"], error["type"]) == (500, "internal_error", "api_error")
+        assert harness.inflight() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("contract", ["aibrix", "epp"])
+async def test_tenant_credentials_never_reach_the_engine(contract: str) -> None:
+    config = DUPLEX if contract == "epp" else BUFFERED
+    credentials = {"authorization": "Bearer sk-tenant", "x-api-key": "sk-tenant", "api-key": "sk-tenant"}
+    for engine_key in (None, "sk-engine"):
+        async for harness in _harness(contract, engine_api_key=engine_key):
+            first, _ = await exchange(harness, [headers(config=config, **credentials), body(CHAT)], 2)
+            mutation = first.request_headers.response.header_mutation
+            removed, added = set(mutation.remove_headers), set_headers(mutation)
+            if engine_key is None:
+                assert removed == set(credentials)
+                assert "authorization" not in added
+            else:  # the engines' own key replaces the tenant's
+                assert removed == set(credentials) - {"authorization"}
+                assert added["authorization"] == "Bearer sk-engine"
+
+
+async def test_strategy_label_takes_only_known_names(aibrix: Harness) -> None:
+    """Each weighted combination a client makes up is one ``combination`` series, not one of its own."""
+    for weight in range(1, 40):
+        await exchange(
+            aibrix, [headers(**{"routing-strategy": f"random:1,least-request:{weight}"}), body(CHAT)], 2
+        )
+    preset = "least-queue:2,least-kv-cache:2,prefix-cache:3"  # the inference-extension preset, spelled out
+    _, routed = await exchange(aibrix, [headers(**{"routing-strategy": preset}), body(CHAT)], 2)
+    assert (
+        json_format.MessageToDict(routed.dynamic_metadata)["brickyard"]["strategy"] == "inference-extension"
+    )
+    await exchange(aibrix, [headers(**{"routing-strategy": "round-robin"}), body(CHAT)], 2)
+    assert aibrix.strategy_labels() == {"combination", "inference-extension", "round-robin"}

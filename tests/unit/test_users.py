@@ -7,7 +7,8 @@ import hashlib
 import orjson
 import pytest
 
-from gateway_plugins.tenancy.users import InvalidUserError, User, hash_key, key_id_of, parse_bearer
+from brickyard.credentials import parse_bearer
+from gateway_plugins.tenancy.users import InvalidUserError, User, hash_key, key_id_of
 
 DIGEST = hashlib.sha256(b"sk-by-example").hexdigest()
 

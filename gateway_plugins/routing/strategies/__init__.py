@@ -13,7 +13,7 @@ from collections.abc import Callable
 from gateway_plugins.config import RoutingSettings
 from gateway_plugins.routing.strategies.affinity import LoraAffinityStrategy, SessionAffinityStrategy
 from gateway_plugins.routing.strategies.base import MetricsStrategy, Stateless, Strategy
-from gateway_plugins.routing.strategies.combined import WeightedStrategy, parse_weighted
+from gateway_plugins.routing.strategies.combined import WeightedStrategy, canonical_name, parse_weighted
 from gateway_plugins.routing.strategies.fairness import VirtualTokenCounterStrategy
 from gateway_plugins.routing.strategies.gpu_type import GpuTypeStrategy
 from gateway_plugins.routing.strategies.load import (
@@ -41,6 +41,7 @@ __all__ = [
     "Strategy",
     "WeightedStrategy",
     "build_strategies",
+    "canonical_name",
     "parse_weighted",
 ]
 

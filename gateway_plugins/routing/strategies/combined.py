@@ -71,4 +71,9 @@ def parse_weighted(spec: str, strategies: Mapping[str, Strategy]) -> WeightedStr
             parts.append((strategy, weight))
     if not parts:
         raise ValueError(f"'{spec}' gives every strategy weight 0")
-    return WeightedStrategy(",".join(f"{s.name}:{w}" for s, w in parts), parts)
+    return WeightedStrategy(canonical_name(parts), parts)
+
+
+def canonical_name(parts: Sequence[tuple[Strategy, int]]) -> str:
+    """``name:weight,...``: the name of a combination of ``parts`` (a preset has its own as well)."""
+    return ",".join(f"{part.name}:{weight}" for part, weight in parts)
