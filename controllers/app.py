@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
+from brickyard.credentials import SIDECAR_TOKEN_ENV, read_secret, redis_client
 from brickyard.kube import api_client_from_environment
 from controllers.config import ControllerSettings
 from controllers.model_adapter import ModelAdapterController
@@ -46,13 +46,12 @@ class ControllerApp:
         )
         self.recorder = EventRecorder(client, COMPONENT)
         session = aiohttp.ClientSession()
-        redis = (
-            aioredis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
-            if s.redis_url
-            else None
-        )
+        redis = redis_client(s.redis_url, socket_timeout=2, socket_connect_timeout=2) if s.redis_url else None
         if "model-adapter" in s.controllers:
-            self.model_adapters = ModelAdapterController(manager, s, session, redis, self.recorder)
+            token = read_secret(s.model_adapter.sidecar_token_file, SIDECAR_TOKEN_ENV)
+            self.model_adapters = ModelAdapterController(
+                manager, s, session, redis, self.recorder, sidecar_token=token
+            )
         if "pod-autoscaler" in s.controllers:
             self.pod_autoscalers = PodAutoscalerController(manager, s, session, redis, self.recorder)
         if "model-routes" in s.controllers:

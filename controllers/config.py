@@ -20,6 +20,9 @@ class ModelAdapterSettings:
     max_attempts: int = 5
     #: Sidecar port of pods without a ``brickyard.dev/sidecar-port`` annotation or label.
     sidecar_port: int = 8090
+    #: File holding the sidecars' adapter API token (or env ``BRICKYARD_SIDECAR_TOKEN``), sent with every
+    #: call to a sidecar; unset: none (sidecars listening beyond loopback refuse such calls).
+    sidecar_token_file: str | None = None
     #: Seconds a sidecar may take to load an adapter (downloads included).
     load_timeout_seconds: float = 600.0
     #: Seconds for the other calls to engines and sidecars (``/v1/models``, unload).

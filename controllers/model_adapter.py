@@ -129,10 +129,14 @@ class ModelAdapterController:
         session: aiohttp.ClientSession,
         redis: aioredis.Redis | None,
         recorder: EventRecorder,
+        *,
+        sidecar_token: str | None = None,
     ) -> None:
         self.client: KubeClient = manager.client
         self.settings = settings.model_adapter
         self.session = session
+        #: Sent with every call to a sidecar's adapter API.
+        self.sidecar_headers = {"Authorization": f"Bearer {sidecar_token}"} if sidecar_token else {}
         self.redis = redis
         self.recorder = recorder
         #: Per key, the last status written and the resourceVersion it replaced, until the cache moves on.
@@ -417,6 +421,7 @@ class ModelAdapterController:
             async with self.session.post(
                 f"{pod.sidecar_url}/v1/lora_adapter/load",
                 json=body,
+                headers=self.sidecar_headers,
                 timeout=aiohttp.ClientTimeout(total=self.settings.load_timeout_seconds),
             ) as response:
                 if response.status != 200:
@@ -442,6 +447,7 @@ class ModelAdapterController:
             async with self.session.post(
                 f"{pod.sidecar_url}/v1/lora_adapter/unload",
                 json={"lora_name": name},
+                headers=self.sidecar_headers,
                 timeout=aiohttp.ClientTimeout(total=self.settings.http_timeout_seconds),
             ) as response:
                 if response.status != 200:

@@ -10,11 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
+from brickyard.credentials import redis_client
 from brickyard.podmetrics import decode_record, pod_key
 from brickyard.stack import Engine, Stack
 from controllers.model_adapter import FINALIZER, SIDECAR_PORT_KEY
 from controllers.runtime import MODEL_ADAPTERS, parse_time
-from tests.conftest import MODEL
+from tests.conftest import MODEL, sidecar_auth
 from tests.controllers.conftest import NAMESPACE, StartControllers, events, pod, until, writes
 from tests.support.adapters import adapter
 from tests.support.kube_api import KubeApiServer
@@ -51,9 +52,8 @@ class Pods:
         return [e.name for i, e in enumerate(self.engines) if name in self.models(i)]
 
     def sidecar(self, i: int, action: str, body: dict[str, Any]) -> httpx.Response:
-        return httpx.post(
-            f"http://127.0.0.1:{self.sidecars[i]}/v1/lora_adapter/{action}", json=body, timeout=30
-        )
+        url = f"http://127.0.0.1:{self.sidecars[i]}/v1/lora_adapter/{action}"
+        return httpx.post(url, json=body, headers=sidecar_auth(), timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +108,7 @@ def condition(kube: KubeApiServer, name: str, type_: str) -> dict[str, Any]:
 
 
 async def record_lists(redis_port: int, pod_name: str, adapters: set[str]) -> bool:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    client = redis_client(f"redis://127.0.0.1:{redis_port}/0")
     try:
         data = await client.get(pod_key(NAMESPACE, pod_name))
     finally:

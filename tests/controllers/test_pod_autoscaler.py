@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
+from brickyard.credentials import redis_client
 from brickyard.podmetrics import PodMetrics, encode_record, pod_key
 from brickyard.stack import free_port
 from controllers.pod_autoscaler import STATE_ANNOTATION
@@ -67,7 +67,7 @@ def pa_status(kube: KubeApiServer, name: str) -> dict[str, Any]:
 async def records(redis_port: int, values: dict[str, int]) -> AsyncIterator[dict[str, int]]:
     """Publish fresh pod-metrics records (``waiting`` per pod) every 50 ms, as sidecars would; change
     the yielded dict to change the load."""
-    client = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    client = redis_client(f"redis://127.0.0.1:{redis_port}/0")
 
     async def publish() -> None:
         while True:

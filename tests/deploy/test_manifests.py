@@ -10,6 +10,11 @@ Validation, by kind (an object of any other kind fails; nothing is skipped):
 * third-party kinds (Gateway API, Envoy Gateway, Inference Extension), whose CRDs are not here: a closed
   subset of their schemas covering the fields we write (a misspelled field fails), plus the references
   between objects (the Gateway, Service, port, listener or policy a field names must be in the build).
+
+Closed by default: the NetworkPolicies are evaluated (which pod may open which port of which pod, for the
+build's pods and a few from outside it), Redis and every client use the generated password, the secrets
+Job and the controllers hold no more RBAC than they need, and the Envoy Gateway proxies keep the client
+limits of the standalone Envoy configs (envoy/aibrix.yaml).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -54,6 +60,13 @@ MODEL_LABEL = "model.aibrix.ai/name"
 PORT_LABEL = "model.aibrix.ai/port"
 GPU_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
+CONTROL_PLANE = "brickyard-system"
+#: The Secret the secrets Job generates, and its keys.
+CREDENTIALS = "brickyard-credentials"
+REDIS_PASSWORD = ("BRICKYARD_REDIS_PASSWORD", "redis-password")
+SIDECAR_TOKEN = ("BRICKYARD_SIDECAR_TOKEN", "sidecar-token")
+#: The label of namespaces whose pods may scrape metrics (deploy/README.md).
+SCRAPER_LABEL = "brickyard.dev/metrics-scraper"
 #: Keys of the decision metadata the gateway writes (pod, pod_ip, strategy, session_id).
 DECISION_KEYS = frozenset(
     decision_metadata(
@@ -118,6 +131,15 @@ def ident(obj: Mapping[str, Any]) -> str:
     return f"{obj['kind']} {meta.get('namespace', '-')}/{meta['name']}"
 
 
+def namespace_of(obj: Mapping[str, Any]) -> str | None:
+    return obj["metadata"].get("namespace")
+
+
+def namespaces(objects: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Every namespace the build puts something in."""
+    return {ns for o in objects if (ns := namespace_of(o))}
+
+
 def find(
     objects: Iterable[Mapping[str, Any]], kind: str, name: str | None = None, namespace: str | None = None
 ) -> list[dict[str, Any]]:
@@ -158,6 +180,28 @@ def selected_workloads(
     ]
 
 
+def workloads(objects: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What runs pods: Deployments and Jobs."""
+    return find(objects, "Deployment") + find(objects, "Job")
+
+
+def label_selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A ``metav1.LabelSelector`` as the API server reads it: ``{}`` selects everything."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for term in selector.get("matchExpressions", []):
+        key, values = term["key"], term.get("values", [])
+        holds = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[term["operator"]]
+        if not holds:
+            return False
+    return True
+
+
 def gateway_config_map(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     found = [o for o in find(objects, "ConfigMap") if o["metadata"]["name"].startswith(f"{GATEWAY_CONFIG}-")]
     assert len(found) == 1, f"expected one {GATEWAY_CONFIG}-<hash> ConfigMap, found {len(found)}"
@@ -182,6 +226,19 @@ def container(workload: Mapping[str, Any], name: str) -> dict[str, Any]:
     found = [c for c in pod_spec(workload)["containers"] if c["name"] == name]
     assert len(found) == 1, f"{ident(workload)}: no container {name}"
     return found[0]
+
+
+def parse_command(c: Mapping[str, Any]) -> Any:
+    """The arguments of a ``brickyard ...`` container command, as the CLI parses them."""
+    return build_parser().parse_args([*c["command"][1:], *c.get("args", [])])
+
+
+def secret_ref(c: Mapping[str, Any], env: str) -> dict[str, Any] | None:
+    """The ``secretKeyRef`` of the container's environment variable ``env``."""
+    return next(
+        (e["valueFrom"]["secretKeyRef"] for e in c.get("env", []) if e["name"] == env and "valueFrom" in e),
+        None,
+    )
 
 
 def service_port(service: Mapping[str, Any], port: int) -> dict[str, Any] | None:
@@ -324,6 +381,15 @@ PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 ANY_OBJECT = {"type": "object"}
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 DURATION = {"type": "string", "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"}
+QUANTITY = {"type": ["string", "integer"], "pattern": r"^[1-9]+[0-9]*([EPTGMK]i|[EPTGMk])?$"}
+JSON_PATCH_OPERATION = _obj(
+    "op",
+    op=_enum("add", "remove", "replace", "move", "copy", "test"),
+    path={"type": "string"},
+    jsonPath=STRING,
+    value={},
+    **{"from": STRING},
+)
 LOCAL_REF = _obj("group", "kind", "name", group={"type": "string"}, kind=STRING, name=STRING)
 POLICY_TARGETS = _array(
     _obj("group", "kind", "name", group=STRING, kind=STRING, name=STRING, sectionName=STRING), 1
@@ -430,14 +496,7 @@ THIRD_PARTY: dict[tuple[str, str], dict[str, Any]] = {
                     "operation",
                     type={"type": "string", "pattern": r"^type\.googleapis\.com/envoy\.config\."},
                     name=STRING,
-                    operation=_obj(
-                        "op",
-                        op=_enum("add", "remove", "replace", "move", "copy", "test"),
-                        path={"type": "string"},
-                        jsonPath=STRING,
-                        value={},
-                        **{"from": STRING},
-                    ),
+                    operation=JSON_PATCH_OPERATION,
                 ),
                 1,
             ),
@@ -447,12 +506,30 @@ THIRD_PARTY: dict[tuple[str, str], dict[str, Any]] = {
         _obj(
             "targetRefs",
             targetRefs=POLICY_TARGETS,
-            connection=_obj(bufferLimit={"type": ["string", "integer"], "pattern": r"^[0-9]+(Ki|Mi|Gi)?$"}),
+            timeout=_obj(
+                http=_obj(requestReceivedTimeout=DURATION, idleTimeout=DURATION, streamIdleTimeout=DURATION)
+            ),
+            connection=_obj(
+                bufferLimit=QUANTITY,
+                connectionLimit=_obj("value", value={"type": "integer", "minimum": 1}, closeDelay=DURATION),
+            ),
+            http2=_obj(maxConcurrentStreams={"type": "integer", "minimum": 1, "maximum": 2147483647}),
+            headers=_obj(withUnderscoresAction=_enum("Allow", "RejectRequest", "DropHeader")),
         )
     ),
     ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy"): _resource(
         _obj(
-            "provider",
+            bootstrap={
+                **_obj(
+                    type=_enum("Merge", "Replace", "JSONPatch"),
+                    value=STRING,
+                    jsonPatches=_array(JSON_PATCH_OPERATION, 1),
+                ),
+                # Its CEL rule: JSONPatch takes jsonPatches; Merge and Replace (the default) a value.
+                "if": {"required": ["type"], "properties": {"type": {"const": "JSONPatch"}}},
+                "then": {"required": ["jsonPatches"]},
+                "else": {"required": ["value"]},
+            },
             provider=_obj(
                 "type",
                 type=_enum("Kubernetes"),
@@ -521,7 +598,7 @@ def reference_errors(objects: tuple[dict[str, Any], ...]) -> list[str]:
     def exists(kind: str, name: str, namespace: str | None) -> bool:
         return bool(find(objects, kind, name, namespace))
 
-    for workload in find(objects, "Deployment"):
+    for workload in workloads(objects):
         ns, spec = workload["metadata"]["namespace"], pod_spec(workload)
         account = spec.get("serviceAccountName")
         if account and not exists("ServiceAccount", account, ns):
@@ -556,6 +633,25 @@ def reference_errors(objects: tuple[dict[str, Any], ...]) -> list[str]:
             f"{ident(w)} blocks every node drain"
             for w in guarded
             if isinstance(min_available, int) and min_available >= w["spec"].get("replicas", 1)
+        ]
+    for policy in find(objects, "NetworkPolicy"):
+        ns, spec = policy["metadata"]["namespace"], policy["spec"]
+        guarded = [
+            w
+            for w in workloads(objects)
+            if w["metadata"]["namespace"] == ns
+            and label_selector_matches(spec["podSelector"], template_labels(w))
+        ]
+        if not guarded:
+            errors.append(f"{ident(policy)}: its podSelector matches no workload")
+        names = {
+            p.get("name") for w in guarded for c in pod_spec(w)["containers"] for p in c.get("ports", [])
+        }
+        errors += [
+            f"{ident(policy)}: port {p['port']} is no container port of the pods it selects"
+            for rule in spec.get("ingress", [])
+            for p in rule.get("ports", [])
+            if isinstance(p.get("port"), str) and p["port"] not in names
         ]
     for binding in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding"):
         role = binding["roleRef"]
@@ -594,10 +690,21 @@ def reference_errors(objects: tuple[dict[str, Any], ...]) -> list[str]:
         ]
         for ext_proc in policy["spec"].get("extProc", []):
             errors += backend_errors(objects, ident(policy), ext_proc["backendRefs"], ns)
+    listeners = {
+        f"{g['metadata']['namespace']}/{g['metadata']['name']}/{lis['name']}"
+        for g in find(objects, "Gateway")
+        for lis in g["spec"]["listeners"]
+    }
     for policy in find(objects, "EnvoyPatchPolicy"):
         target = policy["spec"]["targetRef"]
         if not exists(target["kind"], target["name"], policy["metadata"]["namespace"]):
             errors.append(f"{ident(policy)}: no {target['kind']} {target['name']}")
+        # Envoy Gateway names a Gateway listener's xDS Listener and route configuration <ns>/<gateway>/<name>.
+        errors += [
+            f"{ident(policy)}: no Gateway listener {p['name']}"
+            for p in policy["spec"]["jsonPatches"]
+            if p["type"].endswith((".Listener", ".RouteConfiguration")) and p["name"] not in listeners
+        ]
     for pool in find(objects, "InferencePool"):
         ns, spec = pool["metadata"]["namespace"], pool["spec"]
         picker = find(objects, "Service", spec["endpointPickerRef"]["name"], ns)
@@ -752,7 +859,7 @@ def test_brickyard_commands_parse(objects: tuple[dict[str, Any], ...]) -> None:
     parser = build_parser()
     known = next(a for a in parser._actions if a.dest == "command").choices
     errors, pending = [], []
-    for workload in find(objects, "Deployment"):
+    for workload in workloads(objects):
         for c in pod_spec(workload)["containers"]:
             argv = [*c.get("command", []), *c.get("args", [])]
             if argv[:1] != ["brickyard"]:
@@ -789,11 +896,10 @@ def test_rbac_is_least_privilege(objects: tuple[dict[str, Any], ...]) -> None:
     for role in find(objects, "ClusterRole") + find(objects, "Role"):
         for rule in role["rules"]:
             assert "*" not in rule["verbs"], f"{ident(role)}: wildcard verb in {rule}"
-            if rule["resources"] == ["*/scale"]:
-                assert set(rule["verbs"]) <= {"get", "update", "patch"}, rule
-                continue
             assert not any("*" in r for r in rule["resources"]), f"{ident(role)}: wildcard resource in {rule}"
             assert "*" not in rule["apiGroups"], f"{ident(role)}: wildcard group in {rule}"
+    for role in find(objects, "ClusterRole"):
+        assert not allowed(role, "", "secrets"), f"{ident(role)}: the Secrets of every namespace"
     gateway = one(objects, "ClusterRole", "brickyard-gateway")
     assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in gateway["rules"])
     assert (
@@ -810,8 +916,8 @@ def test_rbac_is_least_privilege(objects: tuple[dict[str, Any], ...]) -> None:
         (OUR_GROUP, "modeladapters/finalizers"): {"update"},
         (OUR_GROUP, "podautoscalers"): {"get", "list", "watch"},
         (OUR_GROUP, "podautoscalers/status"): {"update", "patch"},
-        ("apps", "deployments/scale"): {"get", "update", "patch"},
-        ("apps", "statefulsets/scale"): {"get", "update", "patch"},
+        ("apps", "deployments/scale"): {"get", "patch"},
+        ("apps", "statefulsets/scale"): {"get", "patch"},
         ("autoscaling", "horizontalpodautoscalers"): {
             "get",
             "list",
@@ -834,30 +940,69 @@ def test_rbac_is_least_privilege(objects: tuple[dict[str, Any], ...]) -> None:
     }
     missing = {k: v - allowed(controllers, *k) for k, v in needs.items() if v - allowed(controllers, *k)}
     assert not missing, missing
-    assert allowed(controllers, "", "secrets") == {"get"}, (
-        "read the one Secret an adapter names, list nothing"
-    )
+    # The kinds a PodAutoscaler may name are exactly the kinds the controllers may scale.
+    target = crd_schema(f"{OUR_GROUP}/v1alpha1", "PodAutoscaler")["properties"]["spec"]["properties"][
+        "scaleTargetRef"
+    ]["properties"]
+    admitted = {
+        (version.rpartition("/")[0], f"{kind.lower()}s/scale")
+        for version in target["apiVersion"]["enum"]
+        for kind in target["kind"]["enum"]
+    }
+    scalable = {
+        (group, resource)
+        for rule in controllers["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        if resource.endswith("/scale")
+    }
+    assert scalable == admitted
+    # Secrets: get, in the namespaces that hold ModelAdapters (credentialsSecretRef), nowhere else.
+    account = (CONTROL_PLANE, "brickyard-controllers")
+    adapter_namespaces = {a["metadata"]["namespace"] for a in find(objects, "ModelAdapter")}
+    for namespace in namespaces(objects):
+        verbs = {v for role in bound_roles(objects, account, namespace) for v in allowed(role, "", "secrets")}
+        assert verbs == ({"get"} if namespace in adapter_namespaces else set()), namespace
     # Every workload runs as its own account, bound to its role.
     accounts = {
-        pod_spec(d).get("serviceAccountName")
-        for d in find(objects, "Deployment", namespace="brickyard-system")
+        pod_spec(w).get("serviceAccountName") for w in workloads(objects) if namespace_of(w) == CONTROL_PLANE
     }
-    assert {"brickyard-gateway", "brickyard-controllers"} <= accounts
+    assert {"brickyard-gateway", "brickyard-controllers", "brickyard-secrets"} <= accounts
 
 
 def allowed(role: Mapping[str, Any], group: str, resource: str) -> set[str]:
-    verbs: set[str] = set()
-    for rule in role["rules"]:
-        if (group in rule["apiGroups"] or "*" in rule["apiGroups"]) and (
-            resource in rule["resources"] or (resource.endswith("/scale") and "*/scale" in rule["resources"])
+    return {
+        verb
+        for rule in role["rules"]
+        if group in rule["apiGroups"] and resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def bound_roles(
+    objects: tuple[dict[str, Any], ...], account: tuple[str, str], namespace: str
+) -> list[dict[str, Any]]:
+    """The roles a ServiceAccount (namespace, name) holds in ``namespace``: its ClusterRoles, and the Roles
+    and ClusterRoles bound to it there."""
+    roles = []
+    for binding in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding", namespace=namespace):
+        if any(
+            s["kind"] == "ServiceAccount" and (s["namespace"], s["name"]) == account
+            for s in binding["subjects"]
         ):
-            verbs |= set(rule["verbs"])
-    return verbs
+            ref = binding["roleRef"]
+            roles += find(objects, ref["kind"], ref["name"], namespace if ref["kind"] == "Role" else None)
+    return roles
 
 
 def test_control_plane_pods_are_locked_down(objects: tuple[dict[str, Any], ...]) -> None:
-    for name in ("brickyard-gateway", "brickyard-controllers", "brickyard-redis"):
-        workload = one(objects, "Deployment", name, "brickyard-system")
+    for kind, name in (
+        ("Deployment", "brickyard-gateway"),
+        ("Deployment", "brickyard-controllers"),
+        ("Deployment", "brickyard-redis"),
+        ("Job", "brickyard-secrets"),
+    ):
+        workload = one(objects, kind, name, CONTROL_PLANE)
         pod = pod_spec(workload).get("securityContext", {})
         assert pod.get("runAsNonRoot") is True, name
         assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, name
@@ -881,6 +1026,419 @@ def test_engines_follow_the_discovery_contract(objects: tuple[dict[str, Any], ..
         # The sidecar downloads adapters where the engine loads them from.
         adapters = {m["mountPath"] for m in container(workload, "sidecar")["volumeMounts"]}
         assert "/var/lib/brickyard/adapters" in adapters & {m["mountPath"] for m in engine["volumeMounts"]}
+
+
+# --- closed by default: network policies ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod as network policies see it: its namespace and that namespace's labels, its labels, its named
+    container ports."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    namespace_labels: Mapping[str, str]
+    ports: Mapping[str, int]
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def namespace_labels(
+    objects: Iterable[Mapping[str, Any]], namespace: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """A namespace's labels: the build's Namespace object's, and the one the API server sets on every one."""
+    found = find(objects, "Namespace", namespace)
+    own = found[0]["metadata"].get("labels", {}) if found else {}
+    return {**own, **(extra or {}), "kubernetes.io/metadata.name": namespace}
+
+
+def build_pods(objects: tuple[dict[str, Any], ...]) -> dict[str, Pod]:
+    """A pod of each workload of the build, by ``namespace/name`` of the workload."""
+    pods = {}
+    for w in workloads(objects):
+        ns = w["metadata"]["namespace"]
+        ports = {p["name"]: p["containerPort"] for c in pod_spec(w)["containers"] for p in c.get("ports", [])}
+        pod = Pod(ns, w["metadata"]["name"], template_labels(w), namespace_labels(objects, ns), ports)
+        pods[str(pod)] = pod
+    return pods
+
+
+def outside_pods(objects: tuple[dict[str, Any], ...]) -> dict[str, Pod]:
+    """Pods the build does not make: the Gateway's Envoy proxies, metrics scrapers, and strangers."""
+    gateway = one(objects, "Gateway", "brickyard", CONTROL_PLANE)
+
+    def pod(
+        namespace: str, name: str, labels: Mapping[str, str], ns_labels: Mapping[str, str] | None = None
+    ) -> Pod:
+        return Pod(namespace, name, labels, namespace_labels(objects, namespace, ns_labels), {})
+
+    # The labels Envoy Gateway puts on the proxies it runs for a Gateway.
+    proxy = {
+        "app.kubernetes.io/name": "envoy",
+        "app.kubernetes.io/component": "proxy",
+        "app.kubernetes.io/managed-by": "envoy-gateway",
+        "gateway.envoyproxy.io/owning-gateway-name": gateway["metadata"]["name"],
+        "gateway.envoyproxy.io/owning-gateway-namespace": gateway["metadata"]["namespace"],
+    }
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    return {
+        "envoy": pod("envoy-gateway-system", "envoy-brickyard", proxy),
+        "other-envoy": pod(
+            "envoy-gateway-system",
+            "envoy-other",
+            {**proxy, "gateway.envoyproxy.io/owning-gateway-name": "other"},
+        ),
+        "envoy-gateway": pod(
+            "envoy-gateway-system", "envoy-gateway", {"app.kubernetes.io/name": "gateway-helm"}
+        ),
+        "scraper": pod("monitoring", "prometheus", prometheus, {SCRAPER_LABEL: "true"}),
+        "unlabelled-scraper": pod("observability", "prometheus", prometheus),
+        "stranger": pod("default", "web", {"app": "web"}),
+        "stranger-in-control-plane": pod(CONTROL_PLANE, "debug", {"app": "debug"}),
+        "fake-controllers": pod("default", "ctl", {"app.kubernetes.io/name": "brickyard-controllers"}),
+        "fake-gateway": pod("default", "gw", {"app.kubernetes.io/name": "brickyard-gateway"}),
+    }
+
+
+def admits(policies: Iterable[Mapping[str, Any]], source: Pod, dest: Pod, port: int) -> bool:
+    """Whether ``policies`` let ``source`` open a TCP connection to ``dest`` on ``port``: a pod no policy
+    selects for ingress takes anything; a selected pod, what one rule of the policies selecting it admits."""
+    isolating = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == dest.namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and label_selector_matches(p["spec"]["podSelector"], dest.labels)
+    ]
+    return not isolating or any(
+        rule_admits(p["metadata"]["namespace"], rule, source, dest, port)
+        for p in isolating
+        for rule in p["spec"].get("ingress", [])
+    )
+
+
+def rule_admits(namespace: str, rule: Mapping[str, Any], source: Pod, dest: Pod, port: int) -> bool:
+    """An ingress rule: one of its ports (none: all) and one of its peers (none: everyone)."""
+    return (not rule.get("ports") or any(port_matches(p, dest, port) for p in rule["ports"])) and (
+        not rule.get("from") or any(peer_matches(peer, namespace, source) for peer in rule["from"])
+    )
+
+
+def port_matches(spec: Mapping[str, Any], dest: Pod, port: int) -> bool:
+    if spec.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in spec:
+        return True
+    if isinstance(spec["port"], str):  # a named port: the container port of that name on the destination
+        return dest.ports.get(spec["port"]) == port
+    return spec["port"] <= port <= spec.get("endPort", spec["port"])
+
+
+def peer_matches(peer: Mapping[str, Any], namespace: str, source: Pod) -> bool:
+    """A peer: pods its podSelector selects (all without one) in the namespaces its namespaceSelector
+    selects (without one: the policy's own namespace)."""
+    assert "ipBlock" not in peer, "ipBlock peers are not modelled (pods have no addresses here)"
+    in_namespace = (
+        label_selector_matches(peer["namespaceSelector"], source.namespace_labels)
+        if "namespaceSelector" in peer
+        else source.namespace == namespace
+    )
+    return in_namespace and label_selector_matches(peer.get("podSelector", {}), source.labels)
+
+
+def test_policy_evaluator_follows_kubernetes_semantics() -> None:
+    """The evaluator the tests below rely on, on a policy with every construct they use."""
+    policy = {
+        "metadata": {"name": "db", "namespace": "a"},
+        "spec": {
+            "podSelector": {"matchLabels": {"role": "db"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        # Both selectors: apps in namespaces of team x (an AND within one peer).
+                        {
+                            "namespaceSelector": {"matchLabels": {"team": "x"}},
+                            "podSelector": {"matchLabels": {"role": "app"}},
+                        },
+                        # A podSelector alone: the policy's own namespace.
+                        {
+                            "podSelector": {
+                                "matchExpressions": [{"key": "role", "operator": "In", "values": ["cron"]}]
+                            }
+                        },
+                    ],
+                    "ports": [{"port": "sql"}, {"port": 9000, "endPort": 9010}],
+                }
+            ],
+        },
+    }
+
+    def pod(namespace: str, role: str, ns_labels: Mapping[str, str] | None = None) -> Pod:
+        return Pod(namespace, role, {"role": role}, namespace_labels((), namespace, ns_labels), {"sql": 5432})
+
+    db, web = pod("a", "db"), pod("a", "web")
+    assert admits([policy], pod("b", "app", {"team": "x"}), db, 5432)
+    assert admits([policy], pod("b", "app", {"team": "x"}), db, 9010)
+    assert not admits([policy], pod("b", "app", {"team": "x"}), db, 9011)
+    assert not admits([policy], pod("b", "app", {"team": "x"}), db, 5433)
+    assert not admits([policy], pod("b", "app"), db, 5432), "the namespace must be selected too"
+    assert not admits([policy], pod("b", "cron", {"team": "x"}), db, 5432), "a pod of another namespace"
+    assert admits([policy], pod("a", "cron"), db, 5432)
+    assert not admits([policy], pod("a", "app"), db, 5432)
+    assert admits([policy], pod("c", "anyone"), web, 80), "a pod no policy selects is open"
+    deny = {
+        "metadata": {"name": "deny", "namespace": "a"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
+    assert not admits([deny], pod("a", "cron"), web, 80)
+    assert admits([deny, policy], pod("a", "cron"), db, 5432), "policies add up"
+
+
+def test_brickyard_system_denies_ingress_by_default(objects: tuple[dict[str, Any], ...]) -> None:
+    policies = find(objects, "NetworkPolicy")
+    assert [
+        p
+        for p in policies
+        if namespace_of(p) == CONTROL_PLANE
+        and p["spec"]["podSelector"] == {}
+        and p["spec"].get("policyTypes") == ["Ingress"]
+        and not p["spec"].get("ingress")
+    ], "no default-deny policy in brickyard-system"
+    # No rule opens a port to every source, or every port to a source.
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from") and rule.get("ports"), f"{ident(policy)}: an open rule {rule}"
+            assert not [
+                peer
+                for peer in rule["from"]
+                if not peer.get("podSelector") and peer.get("namespaceSelector") == {}
+            ], f"{ident(policy)}: a peer that is every pod of every namespace"
+
+
+def test_network_policies_admit_only_the_expected_peers(objects: tuple[dict[str, Any], ...]) -> None:
+    """For each port that matters, exactly who may connect, among the build's pods and pods outside it."""
+    policies = find(objects, "NetworkPolicy")
+    pods, outside = build_pods(objects), outside_pods(objects)
+    everyone = [*pods.values(), *outside.values()]
+    gateway = pods[f"{CONTROL_PLANE}/brickyard-gateway"]
+    controllers = pods[f"{CONTROL_PLANE}/brickyard-controllers"]
+    redis = pods[f"{CONTROL_PLANE}/brickyard-redis"]
+    secrets_job = pods[f"{CONTROL_PLANE}/brickyard-secrets"]
+    engines = [(pods[f"{namespace_of(w)}/{w['metadata']['name']}"], w) for w in engine_workloads(objects)]
+    envoy, scraper = outside["envoy"], outside["scraper"]
+    settings = gateway_settings(objects)
+    other_port = 8080  # nothing listens there; the default-deny answers
+    expected: list[tuple[Pod, int, list[Pod]]] = [
+        (
+            redis,
+            urlsplit(settings.redis_url).port or 6379,
+            [gateway, controllers, *(pod for pod, _ in engines)],
+        ),
+        (gateway, settings.grpc_port, [envoy]),
+        (gateway, settings.health_port, [envoy]),
+        (gateway, settings.metrics_port, [scraper]),
+        (gateway, settings.tenancy.admin_port, []),  # kubectl port-forward only
+        (controllers, other_port, []),
+        (secrets_job, other_port, []),
+    ]
+    for pod, workload in engines:
+        sidecar = parse_command(container(workload, "sidecar"))
+        expected += [
+            (pod, int(template_labels(workload).get(PORT_LABEL, "8000")), [envoy, controllers]),
+            (pod, sidecar.port, [controllers]),
+            (pod, sidecar.metrics_port, [scraper]),
+            (pod, other_port, []),
+        ]
+    errors = []
+    for dest, port, allowed_sources in expected:
+        got = {str(s) for s in everyone if s is not dest and admits(policies, s, dest, port)}
+        want = {str(s) for s in allowed_sources}
+        if got != want:
+            errors.append(f"{dest}:{port} admits {sorted(got)}, expected {sorted(want)}")
+    assert not errors, "\n".join(errors)
+
+
+# --- closed by default: credentials, Envoy's client limits -----------------------------------------------
+
+
+def test_redis_and_its_clients_use_the_generated_password(objects: tuple[dict[str, Any], ...]) -> None:
+    password = {"name": CREDENTIALS, "key": REDIS_PASSWORD[1]}  # no `optional`: no Secret, no start
+    redis = container(one(objects, "Deployment", "brickyard-redis", CONTROL_PLANE), "redis")
+    argv = [*redis.get("command", []), *redis["args"]]
+    assert "--requirepass" in argv
+    variable = re.fullmatch(r"\$\((\w+)\)", argv[argv.index("--requirepass") + 1])
+    assert variable, "--requirepass takes the password from the environment"
+    assert secret_ref(redis, variable[1]) == password
+    # The probe authenticates: redis-cli reads REDISCLI_AUTH.
+    auth = next(e for e in redis["env"] if e["name"] == "REDISCLI_AUTH")
+    assert auth.get("value") == variable[0] or secret_ref(redis, "REDISCLI_AUTH") == password
+    assert "redis-cli" in " ".join(redis["readinessProbe"]["exec"]["command"])
+    clients = [
+        container(gateway_deployment(objects), "gateway"),
+        container(one(objects, "Deployment", "brickyard-controllers", CONTROL_PLANE), "controllers"),
+        *(container(w, "sidecar") for w in engine_workloads(objects)),
+    ]
+    assert [c["name"] for c in clients if secret_ref(c, REDIS_PASSWORD[0]) != password] == []
+    # The URLs carry no password: they sit in ConfigMaps and command lines.
+    (controllers_config,) = [
+        o
+        for o in find(objects, "ConfigMap")
+        if o["metadata"]["name"].startswith("brickyard-controllers-config-")
+    ]
+    urls = [
+        gateway_settings(objects).redis_url,
+        *(yaml.safe_load(text).get("redis_url") for text in controllers_config["data"].values()),
+        *(parse_command(container(w, "sidecar")).redis_url for w in engine_workloads(objects)),
+    ]
+    assert all(url and urlsplit(url).password is None for url in urls), urls
+
+
+def test_the_sidecar_api_takes_the_token_the_controllers_send(objects: tuple[dict[str, Any], ...]) -> None:
+    token = {"name": CREDENTIALS, "key": SIDECAR_TOKEN[1]}
+    controllers = container(one(objects, "Deployment", "brickyard-controllers", CONTROL_PLANE), "controllers")
+    assert secret_ref(controllers, SIDECAR_TOKEN[0]) == token
+    for workload in engine_workloads(objects):
+        sidecar = container(workload, "sidecar")
+        assert secret_ref(sidecar, SIDECAR_TOKEN[0]) == token, ident(workload)
+        args = parse_command(sidecar)
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        # On the pod network (the controllers call it), metrics alone on a port of their own.
+        assert args.listen_host == "0.0.0.0"
+        assert ports["sidecar"] == args.port
+        assert ports["metrics"] == args.metrics_port != args.port
+        # No Service leads to the adapter API: the controllers call pods.
+        for service in find(objects, "Service", namespace=namespace_of(workload)):
+            if selects(service["spec"]["selector"], template_labels(workload)):
+                assert not [
+                    p for p in service["spec"]["ports"] if p.get("targetPort") in ("sidecar", args.port)
+                ], ident(service)
+
+
+def test_the_secrets_job_makes_every_secret_the_pods_read(objects: tuple[dict[str, Any], ...]) -> None:
+    job = one(objects, "Job", "brickyard-secrets", CONTROL_PLANE)
+    # A finished Job must go away, or the next apply would not run it again; failures are retried.
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0 and job["spec"]["backoffLimit"] > 0
+    (ensure,) = pod_spec(job)["containers"]
+    args = parse_command(ensure)
+    assert (args.command, args.action, args.namespace, args.name) == (
+        "secrets",
+        "ensure",
+        CONTROL_PLANE,
+        CREDENTIALS,
+    )
+    made = {args.namespace, *args.copy_to}
+    errors = [
+        f"{ident(w)}/{c['name']}: {e['name']} from {ref}"
+        for w in workloads(objects)
+        for c in pod_spec(w)["containers"]
+        for e in c.get("env", [])
+        if (ref := e.get("valueFrom", {}).get("secretKeyRef", {})).get("name") == CREDENTIALS
+        and (namespace_of(w) not in made or ref["key"] not in args.key or ref.get("optional"))
+    ]
+    assert not errors, "\n".join(errors)
+    # Its account may create Secrets, and read and update that one, where it makes it; nothing else.
+    account = (CONTROL_PLANE, pod_spec(job)["serviceAccountName"])
+    minimal = {
+        ("", "secrets", (), ("create",)),
+        ("", "secrets", (CREDENTIALS,), ("get", "update")),
+    }
+    for namespace in namespaces(objects):
+        rules = {
+            (
+                *rule["apiGroups"],
+                *rule["resources"],
+                tuple(rule.get("resourceNames", [])),
+                tuple(sorted(rule["verbs"])),
+            )
+            for role in bound_roles(objects, account, namespace)
+            for rule in role["rules"]
+        }
+        assert rules == (minimal if namespace in made else set()), namespace
+
+
+GLOBAL_CONNECTIONS = "envoy.resource_monitors.global_downstream_max_connections"
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+def seconds(duration: str) -> float:
+    """A duration as Envoy and Gateway API write it (``90s``, ``1m30s``, ``500ms``), in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[u] for n, u in parts)
+
+
+def quantity_bytes(quantity: str | int) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", str(quantity))
+    assert match, quantity
+    return int(match[1]) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[match[2]]
+
+
+def test_envoy_gateway_keeps_the_standalone_client_limits(objects: tuple[dict[str, Any], ...]) -> None:
+    """The proxies Envoy Gateway runs take clients on the terms of the standalone envoy/aibrix.yaml."""
+    config = yaml.safe_load((REPO / "envoy" / "aibrix.yaml").read_text())
+    (listener,) = config["static_resources"]["listeners"]
+    filters = {f["name"]: f["typed_config"] for f in listener["filter_chains"][0]["filters"]}
+    hcm = filters[HCM]
+    (monitor,) = [
+        m for m in config["overload_manager"]["resource_monitors"] if m["name"] == GLOBAL_CONNECTIONS
+    ]
+    global_limit = monitor["typed_config"]["max_active_downstream_connections"]
+
+    gateway = one(objects, "Gateway", "brickyard", CONTROL_PLANE)
+    target = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "brickyard"}
+    (policy,) = [p for p in find(objects, "ClientTrafficPolicy") if target in p["spec"]["targetRefs"]]
+    spec = policy["spec"]
+    timeouts = {k: seconds(v) for k, v in spec["timeout"]["http"].items()}
+    assert timeouts == {
+        "requestReceivedTimeout": seconds(hcm["request_timeout"]),
+        "idleTimeout": seconds(hcm["common_http_protocol_options"]["idle_timeout"]),
+        "streamIdleTimeout": seconds(hcm["stream_idle_timeout"]),
+    }
+    assert quantity_bytes(spec["connection"]["bufferLimit"]) == listener["per_connection_buffer_limit_bytes"]
+    assert spec["connection"]["connectionLimit"] == {
+        "value": filters["envoy.filters.network.connection_limit"]["max_connections"]
+    }
+    assert spec["connection"]["connectionLimit"]["value"] <= global_limit
+    assert spec["http2"]["maxConcurrentStreams"] == hcm["http2_protocol_options"]["max_concurrent_streams"]
+    underscores = {"DROP_HEADER": "DropHeader", "REJECT_REQUEST": "RejectRequest", "ALLOW": "Allow"}
+    action = hcm["common_http_protocol_options"]["headers_with_underscores_action"]
+    assert spec["headers"]["withUnderscoresAction"] == underscores[action]
+    # The global limit: a patch of Envoy Gateway's bootstrap (overload manager), in the Gateway's EnvoyProxy.
+    ref = gateway["spec"]["infrastructure"]["parametersRef"]
+    bootstrap = one(objects, ref["kind"], ref["name"], CONTROL_PLANE)["spec"]["bootstrap"]
+    assert bootstrap == {
+        "type": "JSONPatch",
+        "jsonPatches": [
+            {
+                "op": "replace",
+                "jsonPath": f"$.overload_manager.resource_monitors[?(@.name=='{GLOBAL_CONNECTIONS}')]"
+                ".typed_config.max_active_downstream_connections",
+                "value": global_limit,
+            }
+        ],
+    }
+    # The request headers timeout, which no ClientTrafficPolicy field sets: patched into the HTTP connection
+    # manager of each of the Gateway's listeners.
+    patched = {
+        patch["name"]: patch["operation"]
+        for p in find(objects, "EnvoyPatchPolicy")
+        if p["spec"]["targetRef"]["name"] == gateway["metadata"]["name"]
+        for patch in p["spec"]["jsonPatches"]
+        if patch["type"].endswith(".Listener")
+    }
+    assert patched == {
+        f"{CONTROL_PLANE}/brickyard/{lis['name']}": {
+            "op": "add",
+            "jsonPath": f"$.default_filter_chain.filters[?(@.name=='{HCM}')].typed_config",
+            "path": "/request_headers_timeout",
+            "value": hcm["request_headers_timeout"],
+        }
+        for lis in gateway["spec"]["listeners"]
+    }
 
 
 # --- contracts -----------------------------------------------------------------------------------------
@@ -954,8 +1512,15 @@ def test_inference_extension_contract() -> None:
     objects = build("heterogeneous")
     settings = gateway_settings(objects)
     assert settings.contract == "epp"
-    for kind in ("EnvoyExtensionPolicy", "EnvoyPatchPolicy"):
-        assert not find(objects, kind), f"{kind} belongs to the AIBrix contract"
+    # The AIBrix contract's ext_proc filter and ORIGINAL_DST cluster and routes are gone.
+    assert not find(objects, "EnvoyExtensionPolicy")
+    assert not [
+        ident(p)
+        for p in find(objects, "EnvoyPatchPolicy")
+        if any(
+            patch["type"].endswith((".Cluster", ".RouteConfiguration")) for patch in p["spec"]["jsonPatches"]
+        )
+    ]
     (pool,) = find(objects, "InferencePool")
     ns, spec = pool["metadata"]["namespace"], pool["spec"]
     # The gateway sees exactly the pool's pods.
@@ -1032,7 +1597,7 @@ def test_prod_is_highly_available_with_tenancy() -> None:
         ] == [1]
     settings = gateway_settings(objects)
     assert settings.tenancy.enabled and settings.tenancy.require_api_key
-    images = {c["image"] for w in find(objects, "Deployment") for c in pod_spec(w)["containers"]}
+    images = {c["image"] for w in workloads(objects) for c in pod_spec(w)["containers"]}
     assert not [i for i in images if i.endswith(":latest") or ":" not in i.rsplit("/", 1)[-1]], images
     proxy = one(objects, "EnvoyProxy", "brickyard-proxy", "brickyard-system")
     kube = proxy["spec"]["provider"]["kubernetes"]
@@ -1182,6 +1747,10 @@ def test_samples_validate(kind: str) -> None:
             },
         ),
         ("PodAutoscaler", {"spec.minReplicas": 0}),
+        (
+            "PodAutoscaler",
+            {"spec.scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "x"}},
+        ),
         ("PodAutoscaler", {"spec.minReplicas": DELETE, "spec.panicWindowSeconds": DELETE}),
         (
             "PodAutoscaler",
@@ -1254,6 +1823,13 @@ def test_valid_variants_are_accepted(kind: str, changes: Mapping[str, Any]) -> N
         ("PodAutoscaler", {"spec.maxReplicas": DELETE}, "'maxReplicas' is a required property"),
         ("PodAutoscaler", {"spec.scaleTargetRef": DELETE}, "'scaleTargetRef' is a required property"),
         ("PodAutoscaler", {"spec.scaleTargetRef.kind": DELETE}, "'kind' is a required property"),
+        # Only the kinds the controllers' ClusterRole may scale.
+        ("PodAutoscaler", {"spec.scaleTargetRef.kind": "InferenceSet"}, "'InferenceSet' is not one of"),
+        (
+            "PodAutoscaler",
+            {"spec.scaleTargetRef.apiVersion": "example.dev/v1"},
+            "'example.dev/v1' is not one of",
+        ),
         ("PodAutoscaler", {"spec.scalingStrategy": "XPA"}, "'XPA' is not one of"),
         ("PodAutoscaler", {"spec.scalingStrategy": "HPA"}, "redis sources need KPA or APA"),
         (
