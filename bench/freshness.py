@@ -50,7 +50,7 @@ def now_ms() -> int:
     return int(time.time() * 1000) % 1_000_000_000
 
 
-def engines_and_publishers(first: int, count: int, redis_port: int, interval: float, seconds: float) -> None:
+def engines_and_publishers(first: int, count: int, redis_url: str, interval: float, seconds: float) -> None:
     """One process: ``count`` synthetic engines and their sidecar publishers."""
 
     async def main() -> None:
@@ -70,7 +70,7 @@ def engines_and_publishers(first: int, count: int, redis_port: int, interval: fl
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+        redis = aioredis.from_url(redis_url)
         async with aiohttp.ClientSession() as session:
             tasks = [asyncio.create_task(change(i)) for i in changed]
             for pod in changed:
@@ -110,13 +110,13 @@ class TimedStore(PodMetricsStore):
             self.latencies.append((now_ms() - state.metrics.waiting) % 1_000_000_000)
 
 
-async def observe(pods: int, redis_port: int, interval: float, seconds: float) -> dict[str, list[float]]:
+async def observe(pods: int, redis_url: str, interval: float, seconds: float) -> dict[str, list[float]]:
     registry = PodRegistry()
     registry.replace_all(PodInfo(f"pod-{i}", f"10.0.0.{i}:8000", "m", namespace="bench") for i in range(pods))
-    store = TimedStore(registry, f"redis://127.0.0.1:{redis_port}/0", stale_seconds=5.0)
+    store = TimedStore(registry, redis_url, stale_seconds=5.0)
     store.latencies = []
     polled: list[float] = []
-    redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    redis = aioredis.from_url(redis_url)
     keys = [f"{POD_KEY_PREFIX}bench/pod-{i}" for i in range(pods)]
 
     async def poll() -> None:
@@ -161,13 +161,13 @@ def main() -> None:
     parser.add_argument("--publisher-processes", type=int, default=2)
     args = parser.parse_args()
     with Stack(Path(tempfile.mkdtemp(prefix="bench-freshness-"))) as stack:
-        redis_port = stack.start_redis()
+        redis_url = stack.redis_url(stack.start_redis())
         redis_pid = stack.children[0].process.pid
         share = -(-args.pods // args.publisher_processes)
         processes = [
             multiprocessing.Process(
                 target=engines_and_publishers,
-                args=(first, min(share, args.pods - first), redis_port, args.interval, args.seconds + 3),
+                args=(first, min(share, args.pods - first), redis_url, args.interval, args.seconds + 3),
             )
             for first in range(0, args.pods, share)
         ]
@@ -176,7 +176,7 @@ def main() -> None:
         time.sleep(2)  # publishers warm up; measure the steady state
         redis_cpu = cpu_seconds(redis_pid)
         publisher_cpu = sum(cpu_seconds(p.pid) for p in processes)  # type: ignore[arg-type]
-        latencies = asyncio.run(observe(args.pods, redis_port, args.interval, args.seconds))
+        latencies = asyncio.run(observe(args.pods, redis_url, args.interval, args.seconds))
         publisher_cpu = sum(cpu_seconds(p.pid) for p in processes) - publisher_cpu  # type: ignore[arg-type]
         redis_cpu = cpu_seconds(redis_pid) - redis_cpu
         for process in processes:

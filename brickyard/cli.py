@@ -5,6 +5,7 @@ brickyard gateway     the ext_proc gateway
 brickyard emulator    one emulated vLLM engine
 brickyard controllers the Kubernetes controllers (ModelAdapter, PodAutoscaler, model routes)
 brickyard users       users and API keys, through the gateway's admin API
+brickyard secrets     generated credentials of a cluster deployment (Redis password, sidecar token)
 """
 
 from __future__ import annotations
@@ -109,10 +110,19 @@ def _sidecar(args: argparse.Namespace) -> None:
         "port": args.port,
         "adapter_dir": args.adapter_dir,
         "max_adapters": args.max_adapters,
+        "api_token_file": args.api_token_file,
+        "metrics_port": args.metrics_port,
+        "artifacts.schemes": args.artifact_scheme,
+        "artifacts.hosts": args.artifact_host,
+        "artifacts.allow_private_networks": args.allow_private_networks or None,
+        "artifacts.local_roots": args.adapter_root,
         "log_level": args.log_level,
     }
     settings = _settings("sidecar", SidecarSettings, args.config, flags, no_redis=args.no_redis)
-    uvloop.run(_until_signal(serve(settings)))
+    try:
+        uvloop.run(_until_signal(serve(settings)))
+    except typed_config.ConfigError as exc:
+        sys.exit(f"brickyard sidecar: {exc}")
 
 
 def _controllers(args: argparse.Namespace) -> None:
@@ -130,6 +140,16 @@ def _controllers(args: argparse.Namespace) -> None:
     }
     settings = _settings("controllers", ControllerSettings, args.config, flags, no_redis=args.no_redis)
     uvloop.run(_until_signal(serve(settings)))
+
+
+def _secrets_ensure(args: argparse.Namespace) -> None:
+    from controllers.runtime import ApiError
+    from controllers.secrets import run
+
+    try:
+        uvloop.run(run(args.namespace, args.name, args.key, args.copy_to))
+    except ApiError as exc:
+        sys.exit(f"brickyard secrets ensure: {exc}")
 
 
 def _settings(
@@ -244,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--port", type=int)
     sc.add_argument("--adapter-dir")
     sc.add_argument("--max-adapters", type=int)
+    sc.add_argument("--api-token-file", help="the adapter API's token (default: $BRICKYARD_SIDECAR_TOKEN)")
+    sc.add_argument("--metrics-port", type=int, help="serve /metrics on this port instead of --port")
+    sc.add_argument(
+        "--artifact-scheme", action="append", help="URL scheme adapters may come from; repeatable"
+    )
+    sc.add_argument("--artifact-host", action="append", help="host adapters may come from; repeatable")
+    sc.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        help="fetch adapters from private, loopback and link-local addresses",
+    )
+    sc.add_argument(
+        "--adapter-root", action="append", help="directory adapters may be loaded from in place; repeatable"
+    )
 
     ctl = command("controllers", _controllers, "Run the Kubernetes controllers (docs/controllers.md).")
     ctl.add_argument("--config", help="YAML settings file (see docs/controllers.md)")
@@ -261,6 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-base-seconds", type=float, help="ModelAdapter: first load retry delay (default 5)"
     )
     ctl.add_argument("--gateway-name", help="model routes: the Gateway every HTTPRoute attaches to")
+
+    secrets_help = "The deployment's generated credentials (a Kubernetes Secret)."
+    secrets = commands.add_parser("secrets", help=secrets_help, description=secrets_help)
+    ensure_help = (
+        "Create the Secret with a random value for each key it lacks (existing values are kept), then copy "
+        "those keys into other namespaces. Prints what it did to each Secret, never a value."
+    )
+    ensure = secrets.add_subparsers(dest="action", required=True).add_parser(
+        "ensure", help=ensure_help, description=ensure_help
+    )
+    ensure.set_defaults(run=_secrets_ensure)
+    ensure.add_argument("--namespace", required=True, help="namespace of the Secret")
+    ensure.add_argument("--name", default="brickyard-credentials", help="default: brickyard-credentials")
+    ensure.add_argument("--key", action="append", required=True, help="a key of the Secret; repeatable")
+    ensure.add_argument(
+        "--copy-to", action="append", default=[], metavar="NAMESPACE", help="copy the keys there; repeatable"
+    )
 
     users_cli.add_parser(commands)
 

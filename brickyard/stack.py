@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from brickyard.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -162,21 +165,40 @@ class GatewayPorts:
 
 
 class Stack:
-    """A set of supervised child processes sharing one working directory."""
+    """A set of supervised child processes sharing one working directory.
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    Closed like a cluster deployment: Redis requires a password and the sidecars' adapter API a token,
+    taken from this process's environment (``BRICKYARD_REDIS_PASSWORD``, ``BRICKYARD_SIDECAR_TOKEN``) or
+    generated, and handed to the children in theirs.
+    """
+
+    def __init__(self, workdir: Path | None = None, *, adapter_roots: Sequence[Path] = ()) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="brickyard-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        #: Directories the sidecars may load adapters from in place (besides their adapter cache).
+        self.adapter_roots = tuple(adapter_roots)
         self.children: list[Child] = []
+        self.redis_password = os.environ.get(REDIS_PASSWORD_ENV) or secrets.token_urlsafe(24)
+        self.sidecar_token = os.environ.get(SIDECAR_TOKEN_ENV) or secrets.token_urlsafe(24)
+        self._secrets_env = {REDIS_PASSWORD_ENV: self.redis_password, SIDECAR_TOKEN_ENV: self.sidecar_token}
+
+    def redis_url(self, port: int, db: int = 0) -> str:
+        """A URL with this stack's Redis password, for clients outside the children (tests, benchmarks)."""
+        return f"redis://:{self.redis_password}@{LOOPBACK}:{port}/{db}"
 
     # -- parts ---------------------------------------------------------------------------
 
     def start_redis(self, port: int | None = None, *, name: str = "redis") -> int:
         port = port or free_port()
+        # The password goes in a file of the owner's, not on the command line, where `ps` shows it.
+        config = self.workdir / f"{name}.conf"
+        config.touch(mode=0o600)
+        config.write_text(f"requirepass {self.redis_password}\n")
         self.spawn(
             name,
             [
                 redis_server_binary(),
+                str(config),
                 "--port",
                 str(port),
                 "--bind",
@@ -188,7 +210,7 @@ class Stack:
                 "--dir",
                 str(self.workdir),
             ],
-            ready=lambda: tcp_answers(port, b"PING\r\n", b"+PONG"),
+            ready=lambda: tcp_answers(port, f"AUTH {self.redis_password}\r\nPING\r\n".encode(), b"+OK"),
         )
         return port
 
@@ -202,13 +224,19 @@ class Stack:
         return engine
 
     def start_sidecar(
-        self, engine: Engine, redis_port: int | None, *extra: str, namespace: str = "default"
+        self,
+        engine: Engine,
+        redis_port: int | None,
+        *extra: str,
+        namespace: str = "default",
+        name: str | None = None,
     ) -> int:
-        """The runtime sidecar of ``engine`` (pod name = engine name); returns its HTTP port."""
+        """The runtime sidecar of ``engine`` (pod name = engine name; process ``<engine>-sidecar`` unless
+        ``name`` says otherwise); returns its HTTP port."""
         port = free_port()
         redis = ["--redis-url", f"redis://{LOOPBACK}:{redis_port}/0"] if redis_port else ["--no-redis"]
         self.spawn(
-            f"{engine.name}-sidecar",
+            name or f"{engine.name}-sidecar",
             [
                 *_brickyard(),
                 "sidecar",
@@ -224,6 +252,7 @@ class Stack:
                 str(port),
                 "--adapter-dir",
                 str(self.workdir / "adapters"),
+                *(arg for root in self.adapter_roots for arg in ("--adapter-root", str(root))),
                 *redis,
                 *extra,
             ],
@@ -411,7 +440,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, **env} if env else None,
+                env={**os.environ, **self._secrets_env, **(env or {})},
             )
         child = Child(name, process, log_path, ready, group)
         self.children.append(child)
@@ -514,6 +543,12 @@ def run_stack(*, engines: int, port: int, contract: str, model: str, profile: st
         stack.start_envoy(contract, gateway.grpc, started, port)
         for engine, sidecar in zip(started, sidecars, strict=True):
             print(f"  {engine.name}: engine {engine.url}, sidecar http://{LOOPBACK}:{sidecar}", flush=True)
+        secrets_file = stack.workdir / "credentials.env"
+        secrets_file.touch(mode=0o600)
+        secrets_file.write_text(
+            f"{REDIS_PASSWORD_ENV}={stack.redis_password}\n{SIDECAR_TOKEN_ENV}={stack.sidecar_token}\n"
+        )
+        print(f"  Redis password and sidecar API token: {secrets_file}", flush=True)
         print(
             f"Brickyard is ready: OpenAI base URL http://{LOOPBACK}:{port}/v1 "
             f"(model {model}, {engines} {profile} engines, {contract} contract; redis :{redis_port}, "

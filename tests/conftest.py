@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -9,24 +11,48 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from brickyard.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
 from brickyard.stack import Engine, GatewayPorts, Stack
 
 MODEL = "test-model"
 COLD_MODEL = "cold-model"  # known to discovery, no ready pod
 
 
+@pytest.fixture(scope="session", autouse=True)
+def credentials() -> Iterator[None]:
+    """A Redis password and a sidecar token for the session, in this process's environment as in a
+    deployment's: every stack starts Redis and the sidecars with them, and the components the tests run
+    in-process (stores, controllers) find them there."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(REDIS_PASSWORD_ENV, secrets.token_urlsafe(24))
+        env.setenv(SIDECAR_TOKEN_ENV, secrets.token_urlsafe(24))
+        yield
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("stack")) as running:
+    # Sidecars may load adapters in place from anywhere under pytest's temporary directory (``tmp_path``).
+    with Stack(tmp_path_factory.mktemp("stack"), adapter_roots=[tmp_path_factory.getbasetemp()]) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
 def redis_port(stack: Stack) -> int:
     return stack.start_redis()
+
+
+def sidecar_auth() -> dict[str, str]:
+    """What a caller of the stack's sidecars sends with every adapter API call."""
+    return {"Authorization": f"Bearer {os.environ[SIDECAR_TOKEN_ENV]}"}
+
+
+def redis_at(port: int) -> redis.Redis:
+    """A (blocking) client of a stack's Redis, for test code that reads it directly."""
+    return redis.Redis(port=port, password=os.environ[REDIS_PASSWORD_ENV])
 
 
 @pytest.fixture(scope="session")

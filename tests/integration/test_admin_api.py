@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import test_utils, web
 
+from brickyard.credentials import redis_client
 from brickyard.stack import REPO_ROOT, Stack, free_port
 from gateway_plugins.admin import admin_app
 from gateway_plugins.tenancy.users import User, UserDirectory, UserStore
@@ -32,7 +32,7 @@ Client = test_utils.TestClient[web.Request, web.Application]
 @pytest.fixture
 async def redis_url(redis_port: int) -> str:
     url = f"redis://127.0.0.1:{redis_port}/{DB}"
-    client = aioredis.from_url(url)
+    client = redis_client(url)
     await client.flushdb()
     await client.aclose()
     return url
@@ -217,7 +217,7 @@ async def test_redis_down_answers_503() -> None:
 
 
 async def test_keys_and_changes_reach_the_gateway(admin: Client, redis_url: str) -> None:
-    raw = aioredis.from_url(redis_url)
+    raw = redis_client(redis_url)
     async with following(redis_url) as directory:
         assert directory.users_count == 0
         await call(admin, "POST", "/admin/users", {"name": "alice", "rpm": 5})
@@ -278,7 +278,7 @@ async def test_concurrent_writers_lose_nothing(admin: Client, redis_url: str) ->
         assert (alice["rpm"], alice["tpm"]) == (7, 70)
         assert sorted(k["id"] for k in alice["keys"]) == sorted(body["id"] for _, body in answers[:20])
         await until(lambda: all(directory.authenticate(key) is not None for key in keys))
-    raw = aioredis.from_url(redis_url)
+    raw = redis_client(redis_url)
     assert len([k async for k in raw.scan_iter(match="brickyard:apikey:*")]) == 20
     await raw.aclose()
 
@@ -305,7 +305,7 @@ async def test_directory_serves_its_last_view_through_an_outage(
             # The restarted Redis is empty (no persistence); a record written there without its message
             # is found by the resync, and the mirror follows Redis.
             await asyncio.to_thread(stack.start_redis, port, name="redis-users")
-            raw = aioredis.from_url(url)
+            raw = redis_client(url)
             await raw.set("brickyard:user:carol", User("carol", tpm=30).to_json())
             await raw.aclose()
             await until(lambda: directory.get("carol") is not None, timeout=10)

@@ -10,11 +10,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import redis
 
 from brickyard.podmetrics import decode_record, pod_key
 from brickyard.stack import Engine, Stack
-from tests.conftest import MODEL
+from tests.conftest import MODEL, redis_at, sidecar_auth
 from tests.support.adapters import adapter
 
 pytestmark = pytest.mark.slow
@@ -31,7 +30,8 @@ class LoraFleet:
         return [model.id for model in self.api.models.list().data]
 
     def adapter_call(self, engine: Engine, action: str, body: dict) -> httpx.Response:
-        return httpx.post(f"{self.sidecars[engine.name]}/v1/lora_adapter/{action}", json=body, timeout=30)
+        url = f"{self.sidecars[engine.name]}/v1/lora_adapter/{action}"
+        return httpx.post(url, json=body, headers=sidecar_auth(), timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_a_loaded_adapter_is_routed_to_its_pod_and_unknown_again_once_unloaded(
     assert loaded.status_code == 200, loaded.text
     assert eventually(lambda: "sql" in fleet.served()), fleet.served()
     assert fleet.served() == sorted([MODEL, "sql"])
-    records = redis.Redis(port=redis_port).mget([pod_key("default", e.name) for e in fleet.engines])
+    records = redis_at(redis_port).mget([pod_key("default", e.name) for e in fleet.engines])
     assert [decode_record(r)[2].adapters for r in records] == [(), ("sql",)]  # type: ignore[arg-type]
     for _ in range(8):
         raw = fleet.api.chat.completions.with_raw_response.create(

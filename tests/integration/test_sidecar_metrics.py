@@ -12,14 +12,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import redis
 
 from brickyard.podmetrics import decode_record, pod_key
 from brickyard.stack import Engine, Stack
 from emulator.profile import load_profile
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.pod_metrics_store import PodMetricsStore
-from tests.conftest import MODEL
+from tests.conftest import MODEL, redis_at, sidecar_auth
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,7 @@ async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def test_records_are_in_redis(sidecars: dict[str, int], redis_port: int) -> None:
-    client = redis.Redis(port=redis_port)
+    client = redis_at(redis_port)
     for name in sidecars:
         data = client.get(pod_key("default", name))
         assert data is not None, name
@@ -72,7 +71,8 @@ def test_sidecar_endpoints(sidecars: dict[str, int]) -> None:
     port = sidecars["engine-0"]
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok"
     assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
-    assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == MODEL
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=sidecar_auth())
+    assert models.json()["data"][0]["id"] == MODEL
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'brickyard_engine_healthy{engine="vllm",namespace="default",pod="engine-0"} 1.0' in metrics
     assert "brickyard_engine_kv_usage{" in metrics

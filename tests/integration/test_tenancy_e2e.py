@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from brickyard.stack import Engine, GatewayPorts, Stack, free_port
 from gateway_plugins.tenancy.users import User, UserStore
+from tests.conftest import redis_at
 
 MODEL = "tenant-model"
 CHAT = [{"role": "user", "content": "Count the tokens of this request, please."}]
@@ -104,7 +104,7 @@ def authenticated(base_url: str, key: str) -> bool:
 
 
 def tpm_used(redis_port: int, user: str) -> int:
-    values = redis.Redis(port=redis_port).hvals(f"brickyard:limit:tpm:{user}")
+    values = redis_at(redis_port).hvals(f"brickyard:limit:tpm:{user}")
     return sum(int(v) for v in values)
 
 
@@ -138,6 +138,25 @@ def test_missing_and_wrong_keys_are_401_in_openai_shape(pair: list[str], tenancy
         client(pair[0], "sk-by-wrong").chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
     reply = client(pair[0], key).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
     assert reply.usage is not None and reply.usage.completion_tokens == 2
+
+
+def test_a_stream_too_deep_to_rewrite_for_usage_is_400(pair: list[str], tenancy_redis: int) -> None:
+    """The gateway adds ``stream_options.include_usage`` by re-serialising the body, which orjson does to 255
+    levels only (it reads 1,024): once a 500 after routing, now a 400 before it."""
+    key = new_user(tenancy_redis, "deep-user")
+    assert wait_for(lambda: authenticated(pair[0], key))
+    depth = 300
+    raw = (
+        f'{{"model": "{MODEL}", "stream": true, "messages": [{{"role": "user", "content": "x"}}], '
+        f'"metadata": {"[" * depth}1{"]" * depth}}}'
+    )
+    response = httpx.post(
+        f"{pair[0]}/v1/chat/completions",
+        content=raw,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_value"
 
 
 # -- limits --------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def eventually(check: Callable[[], T], timeout: float = 15.0, interval: float = 
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
     python = vllm_python()
     model = build_tiny_model(python)
-    with Stack(tmp_path_factory.mktemp("real-vllm")) as stack:
+    with Stack(tmp_path_factory.mktemp("real-vllm"), adapter_roots=[tmp_path_factory.getbasetemp()]) as stack:
         redis_port = stack.start_redis(name="real-redis")
         kv_endpoint = f"tcp://127.0.0.1:{free_port()}"
         engines, replay = [], {}

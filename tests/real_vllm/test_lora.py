@@ -6,18 +6,19 @@ from __future__ import annotations
 import threading
 
 import httpx
-import redis
 
 from brickyard.podmetrics import PodMetrics, decode_record, pod_key
+from tests.conftest import redis_at, sidecar_auth
 from tests.real_vllm.conftest import MODEL, Deployment, RealFleet, eventually, post
 
 
 def adapter_call(fleet: RealFleet, engine: str, action: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{fleet.sidecars[engine]}/v1/lora_adapter/{action}", json=body, timeout=60)
+    url = f"{fleet.sidecars[engine]}/v1/lora_adapter/{action}"
+    return httpx.post(url, json=body, headers=sidecar_auth(), timeout=60)
 
 
 def record(fleet: RealFleet, pod: str) -> PodMetrics:
-    return decode_record(redis.Redis(port=fleet.redis_port).get(pod_key("default", pod)))[2]  # type: ignore[arg-type]
+    return decode_record(redis_at(fleet.redis_port).get(pod_key("default", pod)))[2]  # type: ignore[arg-type]
 
 
 def listed(deployment: Deployment) -> set[str]:

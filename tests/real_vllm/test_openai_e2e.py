@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import redis
 
+from tests.conftest import redis_at
 from tests.real_vllm.conftest import GHOST_MODEL, MODEL, Deployment, RealFleet, eventually, post
 
 PROMPT = "tell me about the ocean and the river"
@@ -24,7 +24,7 @@ def engine_tokens(fleet: RealFleet) -> float:
 
 
 def tpm_used(fleet: RealFleet, user: str) -> int:
-    return sum(int(v) for v in redis.Redis(port=fleet.redis_port).hvals(f"brickyard:limit:tpm:{user}"))
+    return sum(int(v) for v in redis_at(fleet.redis_port).hvals(f"brickyard:limit:tpm:{user}"))
 
 
 def test_sdk_chat_and_completions_with_usage_charged_to_the_tenant(

@@ -8,10 +8,10 @@ import threading
 import time
 
 import httpx
-import redis
 
 from brickyard.podmetrics import PodMetrics, decode_record, pod_key
 from runtime_sidecar.scrape import parse_metrics
+from tests.conftest import redis_at
 from tests.real_vllm.conftest import MODEL, Deployment, RealFleet, eventually, post
 
 VOCABULARY = "ocean river city music number table select where group order join count history science"
@@ -19,7 +19,7 @@ WORDS = VOCABULARY.split()
 
 
 def record(fleet: RealFleet, pod: str) -> PodMetrics:
-    raw = redis.Redis(port=fleet.redis_port).get(pod_key("default", pod))
+    raw = redis_at(fleet.redis_port).get(pod_key("default", pod))
     assert raw is not None, f"no record of {pod} in Redis"
     return decode_record(raw)[2]
 
