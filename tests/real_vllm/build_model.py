@@ -8,7 +8,8 @@ writes ``OUT_DIR/model`` (weights in bf16, a 1,024-token byte-level BPE tokenize
 and ``OUT_DIR/lora-a``, ``OUT_DIR/lora-b`` (peft adapters of rank 8 on ``q_proj``/``v_proj``, random, not
 zero, so they change the output). Everything is seeded: the same script builds the same files, which is
 why ``built_model`` (called from the project's own Python by the tests and ``bench.real_vllm``) caches the
-result under ``~/.cache/brickyard-tests/``, keyed by a hash of this file. The shapes fit vLLM's CPU
+result under the checkout's ``.cache/brickyard-tests/`` (ignored by git, like ``.vllm-cpu/``), keyed by a
+hash of this file. The shapes fit vLLM's CPU
 attention backend (head_dim must be one of 32/64/80/96/112/128).
 """
 
@@ -24,7 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-CACHE = Path(os.environ.get("BRICKYARD_TEST_CACHE", Path.home() / ".cache" / "brickyard-tests"))
+CACHE = Path(
+    os.environ.get("BRICKYARD_TEST_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "brickyard-tests")
+)
 
 VOCAB = 1024
 MAX_POSITIONS = 2048

