@@ -53,7 +53,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## Regenerate brickyard/api from protos/ (a test fails when they are stale).
+## Regenerate brickyard_core/api from protos/ (a test fails when they are stale).
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 

@@ -28,8 +28,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from bench.procstat import cpu_seconds
-from brickyard.podmetrics import POD_KEY_PREFIX, decode_record
 from brickyard.stack import Stack, free_port
+from brickyard_core.podmetrics import POD_KEY_PREFIX, decode_record
 from emulator.results import percentile
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.pod_metrics_store import PodMetricsStore

@@ -2,7 +2,7 @@
 
     python -m bench.simulator_speed [--engines 100] [--duration 600] [--loads 0.05,0.1,0.25]
 
-Load is a fraction of the fleet's capacity for the workload (as in ``brickyard bench routing``); the
+Load is a fraction of the fleet's capacity for the workload (as in ``python -m bench.routing``); the
 workload is generated before the clock starts. Metrics scraping (every 50 ms, 50 ms delay) is on, and
 routing uses least-request over all engines, as in a real run.
 """
@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from emulator.routing_bench import saturation_throughput
+from emulator.capacity import saturation_throughput
 from emulator.simulator import FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadSpec, generate
 

@@ -16,12 +16,12 @@ import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import uvloop
 
-from brickyard import logs, typed_config, users_cli
+from brickyard import users_cli
+from brickyard_core import logs, typed_config
 
 T = TypeVar("T")
 
@@ -187,13 +187,6 @@ def _up(args: argparse.Namespace) -> None:
     )
 
 
-def _bench_routing(args: argparse.Namespace) -> None:
-    from emulator import routing_bench
-
-    logs.setup("bench", args.log_level)
-    routing_bench.main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brickyard", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -315,40 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     users_cli.add_parser(commands)
 
-    bench = commands.add_parser("bench", help="Benchmarks.").add_subparsers(dest="benchmark", required=True)
-    routing = bench.add_parser("routing", help="Strategies on a simulated or live fleet.")
-    routing.set_defaults(run=_bench_routing)
-    routing.add_argument("--log-level", default="warning")
-    routing.add_argument(
-        "--workload",
-        default="shared-prefix",
-        help="shared-prefix, multi-turn, no-sharing, lora-mix, bursty or long-document",
-    )
-    routing.add_argument("--trace", help="JSONL trace to replay instead of a generated workload")
-    routing.add_argument("--engines", type=int, default=4)
-    routing.add_argument(
-        "--strategy",
-        action="append",
-        help="strategy, preset or weighted combination; repeat to compare several (default least-request)",
-    )
-    routing.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="workload knob (emulator.workloads.WorkloadSpec), e.g. shared_prefixes=128; repeatable",
-    )
-    routing.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (virtual)")
-    routing.add_argument("--load", type=float, default=0.5, help="fraction of the fleet's capacity")
-    routing.add_argument("--profile", default="llama-3.1-8b_h100")
-    routing.add_argument("--model", default="llama-3.1-8b-instruct")
-    routing.add_argument("--seed", type=int, default=0)
-    routing.add_argument(
-        "--live", action="store_true", help="real processes on loopback instead of simulation"
-    )
-    routing.add_argument("--speed", type=float, default=1.0, help="live: the emulated engines' time speed-up")
-    routing.add_argument("--out", type=Path, help="write results as JSON here")
-    routing.add_argument("--plot", type=Path, help="write a PNG of the TTFT CDF per strategy here")
     return parser
 
 

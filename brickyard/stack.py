@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from brickyard.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
+from brickyard_core.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from brickyard.credentials import SIDECAR_TOKEN_ENV, read_secret, redis_client
-from brickyard.kube import api_client_from_environment
+from brickyard_core.credentials import SIDECAR_TOKEN_ENV, read_secret, redis_client
+from brickyard_core.kube import api_client_from_environment
 from controllers.config import ControllerSettings
 from controllers.model_adapter import ModelAdapterController
 from controllers.model_routes import ModelRouteController

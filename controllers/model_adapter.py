@@ -40,7 +40,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from brickyard.podmetrics import decode_record, pod_key
+from brickyard_core.podmetrics import decode_record, pod_key
 from controllers.config import ControllerSettings
 from controllers.runtime import (
     MODEL_ADAPTERS,

@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
-from brickyard.podmetrics import decode_record, pod_key
+from brickyard_core.podmetrics import decode_record, pod_key
 from controllers.autoscaling.algorithms import Decision, MetricWindow, ScalerState, ScalingPolicy, apa, kpa
 from controllers.config import ControllerSettings
 from controllers.runtime import (

@@ -5,8 +5,8 @@ The shape is controller-runtime's, cut down to what the controllers here use:
 * ``KubeClient``: raw-JSON API calls through the official client's ``ApiClient.call_api`` (what its typed
   APIs wrap), addressed by ``Resource`` (group, version, plural); every async method runs the blocking
   call in a thread (``asyncio.to_thread``). Failures are ``ApiError`` with the HTTP status.
-* ``Informer``: the cache of one resource, fed by a list/watch thread (``brickyard.kube.ListWatch``: list,
-  watch from its resourceVersion, re-list on 410 Gone); handlers see ``(old, new)`` of every change.
+* ``Informer``: the cache of one resource, fed by a list/watch thread (``brickyard_core.kube.ListWatch``:
+  list, watch from its resourceVersion, re-list on 410 Gone); handlers see ``(old, new)`` of every change.
 * ``WorkQueue``: de-duplicating (a key queued twice is reconciled once), never one key on two workers
   (a key added while being reconciled is queued again when that ends), delayed adds, per-key exponential
   backoff (``add_rate_limited``, reset by ``forget``).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from brickyard.kube import ListCall, ListWatch, api_status
+from brickyard_core.kube import ListCall, ListWatch, api_status
 
 log = logging.getLogger(__name__)
 

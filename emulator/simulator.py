@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from brickyard.podmetrics import EngineSample, MetricsWindow, PodMetrics
+from brickyard_core.podmetrics import EngineSample, MetricsWindow, PodMetrics
 from emulator.engine import EngineCore, EngineStats, Request, RequestResult
 from emulator.profile import load_profile
 from emulator.results import RequestOutcome, summarize

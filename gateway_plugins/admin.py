@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
-from brickyard.credentials import bearer_matches, parse_bearer
+from brickyard_core.credentials import bearer_matches, parse_bearer
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.tenancy.users import (
     UNSET,

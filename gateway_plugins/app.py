@@ -10,7 +10,7 @@ import signal
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from brickyard.credentials import read_secret, redis_client
+from brickyard_core.credentials import read_secret, redis_client
 from gateway_plugins.admin import admin_app
 from gateway_plugins.config import GatewaySettings, TenancySettings
 from gateway_plugins.discovery.kubernetes import KubernetesDiscovery, ModelAdapterDiscovery

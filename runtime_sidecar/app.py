@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from brickyard.credentials import SIDECAR_TOKEN_ENV, bearer_matches, read_secret, redis_client
-from brickyard.typed_config import ConfigError
+from brickyard_core.credentials import SIDECAR_TOKEN_ENV, bearer_matches, read_secret, redis_client
+from brickyard_core.typed_config import ConfigError
 from runtime_sidecar.adapters import AdapterError, AdapterManager
 from runtime_sidecar.config import SidecarSettings
 from runtime_sidecar.publisher import MetricsPublisher

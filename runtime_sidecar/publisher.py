@@ -22,7 +22,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from brickyard.podmetrics import (
+from brickyard_core.podmetrics import (
     POD_CHANNEL,
     EngineSample,
     MetricsWindow,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from brickyard.podmetrics import EngineSample
+from brickyard_core.podmetrics import EngineSample
 
 
 @dataclass(frozen=True)

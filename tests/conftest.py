@@ -15,8 +15,8 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from brickyard.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
 from brickyard.stack import Engine, GatewayPorts, Stack
+from brickyard_core.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
 
 MODEL = "test-model"
 COLD_MODEL = "cold-model"  # known to discovery, no ready pod

@@ -48,9 +48,9 @@ from controllers.autoscaling.algorithms import (
     hpa_like,
     kpa,
 )
+from emulator.capacity import saturation_throughput
 from emulator.profile import load_profile
 from emulator.results import percentile
-from emulator.routing_bench import saturation_throughput
 from emulator.simulator import FleetMetrics, FleetResult, FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadSpec, bursty_rate, diurnal_rate, generate
 

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 import grpc
 import yaml
 
-from brickyard.api.envoy.config.core.v3 import base_pb2 as core
-from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from brickyard_core.api.envoy.config.core.v3 import base_pb2 as core
+from brickyard_core.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from brickyard_core.api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 
 class ObviousProcessor(pb_grpc.ExternalProcessorServicer):

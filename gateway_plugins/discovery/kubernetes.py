@@ -1,6 +1,6 @@
 """Discovery from the Kubernetes API: engine Pods, and the ModelAdapters saying where each adapter runs.
 
-Both follow the same list/watch loop (``brickyard.kube.ListWatch``): the
+Both follow the same list/watch loop (``brickyard_core.kube.ListWatch``): the
 official client is synchronous, so the loop runs in a daemon thread and hands
 every change to the event loop; the registry is only ever touched on the loop.
 Responses are read as raw JSON (``_preload_content=False``): turning every Pod
@@ -22,7 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from brickyard.kube import ListCall, ListWatch, api_client_from_environment
+from brickyard_core.kube import ListCall, ListWatch, api_client_from_environment
 from gateway_plugins.discovery.registry import PodInfo, PodKey, PodRegistry
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brickyard import typed_config
+from brickyard_core import typed_config
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 
 log = logging.getLogger(__name__)

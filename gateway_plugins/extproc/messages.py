@@ -11,9 +11,9 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from brickyard.api.envoy.config.core.v3 import base_pb2 as core
-from brickyard.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
-from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from brickyard_core.api.envoy.config.core.v3 import base_pb2 as core
+from brickyard_core.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
+from brickyard_core.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from gateway_plugins.errors import GatewayError
 
 #: Largest body chunk sent back in FULL_DUPLEX_STREAMED mode (what peers use; under 64 KiB).

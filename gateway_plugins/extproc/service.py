@@ -20,7 +20,9 @@ from gateway_plugins.tenancy.gate import Tenancy
 from gateway_plugins.tenancy.limits import Verdict
 
 if TYPE_CHECKING:
-    from brickyard.api.envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+    from brickyard_core.api.envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import (
+        ProcessingMode,
+    )
     from gateway_plugins.transport.server import GrpcStream
 
 #: gRPC method path Envoy calls.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 
 
 class Endpoint(StrEnum):

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from brickyard.credentials import parse_bearer
+from brickyard_core.credentials import parse_bearer
 from gateway_plugins.config import TenancySettings
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.tenancy.limits import Limit, RateLimiter, Verdict, model_rps, user_rpm, user_tpm

@@ -37,7 +37,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from brickyard.credentials import redis_client
+from brickyard_core.credentials import redis_client
 
 log = logging.getLogger(__name__)
 

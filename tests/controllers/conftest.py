@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from brickyard import typed_config
+from brickyard_core import typed_config
 from controllers.app import ControllerApp
 from controllers.config import ControllerSettings
 from tests.support.kube_api import KubeApiServer

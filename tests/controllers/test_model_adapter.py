@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from brickyard.credentials import redis_client
-from brickyard.podmetrics import decode_record, pod_key
 from brickyard.stack import Engine, Stack
+from brickyard_core.credentials import redis_client
+from brickyard_core.podmetrics import decode_record, pod_key
 from controllers.model_adapter import FINALIZER, SIDECAR_PORT_KEY
 from controllers.runtime import MODEL_ADAPTERS, parse_time
 from tests.conftest import MODEL, sidecar_auth

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from brickyard.credentials import redis_client
-from brickyard.podmetrics import PodMetrics, encode_record, pod_key
 from brickyard.stack import free_port
+from brickyard_core.credentials import redis_client
+from brickyard_core.podmetrics import PodMetrics, encode_record, pod_key
 from controllers.pod_autoscaler import STATE_ANNOTATION
 from tests.controllers.conftest import NAMESPACE, StartControllers, crd, events, pod, until, writes
 from tests.support.kube_api import KubeApiServer

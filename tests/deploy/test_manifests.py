@@ -40,7 +40,7 @@ import yaml
 from kubernetes_validate import utils as kube_validate
 
 from brickyard.cli import build_parser
-from brickyard.typed_config import ConfigError, from_mapping
+from brickyard_core.typed_config import ConfigError, from_mapping
 from gateway_plugins.config import GatewaySettings
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.extproc.contracts import DECISION_NAMESPACE, decision_metadata

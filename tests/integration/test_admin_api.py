@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiohttp import test_utils, web
 
-from brickyard.credentials import redis_client
 from brickyard.stack import REPO_ROOT, Stack, free_port
+from brickyard_core.credentials import redis_client
 from gateway_plugins.admin import admin_app
 from gateway_plugins.tenancy.users import User, UserDirectory, UserStore
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from emulator.routing_bench import requests, run_live, run_simulated, saturation_throughput, workload_spec
+from bench.routing.runner import requests, run_live, run_simulated, workload_spec
+from emulator.capacity import saturation_throughput
 
 pytestmark = pytest.mark.slow
 

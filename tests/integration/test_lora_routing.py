@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from brickyard.podmetrics import decode_record, pod_key
 from brickyard.stack import Engine, Stack
+from brickyard_core.podmetrics import decode_record, pod_key
 from tests.conftest import MODEL, redis_at, sidecar_auth
 from tests.support.adapters import adapter
 

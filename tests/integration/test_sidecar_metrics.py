@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from brickyard.podmetrics import decode_record, pod_key
 from brickyard.stack import Engine, Stack
+from brickyard_core.podmetrics import decode_record, pod_key
 from emulator.profile import load_profile
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.pod_metrics_store import PodMetricsStore

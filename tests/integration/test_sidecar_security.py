@@ -16,8 +16,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from brickyard.credentials import SIDECAR_TOKEN_ENV
 from brickyard.stack import Engine, Stack, free_port
+from brickyard_core.credentials import SIDECAR_TOKEN_ENV
 from tests.conftest import MODEL, sidecar_auth
 from tests.support.adapters import adapter
 from tests.support.http_server import serve_in_thread

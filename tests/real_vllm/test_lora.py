@@ -7,7 +7,7 @@ import threading
 
 import httpx
 
-from brickyard.podmetrics import PodMetrics, decode_record, pod_key
+from brickyard_core.podmetrics import PodMetrics, decode_record, pod_key
 from tests.conftest import redis_at, sidecar_auth
 from tests.real_vllm.conftest import MODEL, Deployment, RealFleet, eventually, post
 

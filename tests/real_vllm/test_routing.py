@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from brickyard.podmetrics import PodMetrics, decode_record, pod_key
+from brickyard_core.podmetrics import PodMetrics, decode_record, pod_key
 from runtime_sidecar.scrape import parse_metrics
 from tests.conftest import redis_at
 from tests.real_vllm.conftest import MODEL, Deployment, RealFleet, eventually, post

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brickyard.podmetrics import EngineSample, MetricsWindow, PodMetrics, decode_record, encode_record
+from brickyard_core.podmetrics import EngineSample, MetricsWindow, PodMetrics, decode_record, encode_record
 from emulator import exposition
 from emulator.engine import EngineCore, Request
 from emulator.profile import load_profile

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from brickyard.typed_config import ConfigError, load
+from brickyard_core.typed_config import ConfigError, load
 from gateway_plugins.config import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[2]

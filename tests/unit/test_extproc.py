@@ -13,10 +13,10 @@ import pytest
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 
-from brickyard.api.envoy.config.core.v3 import base_pb2 as core
-from brickyard.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
-from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from brickyard.api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from brickyard_core.api.envoy.config.core.v3 import base_pb2 as core
+from brickyard_core.api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as modes
+from brickyard_core.api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from brickyard_core.api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from gateway_plugins.config import GatewaySettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.extproc.messages import STREAMED_CHUNK_BYTES

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import FairnessSettings
 from gateway_plugins.routing.strategies.fairness import VirtualTokenCounterStrategy
 from gateway_plugins.routing.types import PodState, RoutingRequest

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from brickyard.podmetrics import PodMetrics
-from brickyard.typed_config import load
+from brickyard_core.podmetrics import PodMetrics
+from brickyard_core.typed_config import load
 from gateway_plugins.config import GatewaySettings, GpuProfile, GpuTypeSettings, RoutingSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.routing.router import Router

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.routing.router import Router

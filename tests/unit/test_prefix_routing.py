@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings, PrefixCacheSettings
 from gateway_plugins.routing.select import rank
 from gateway_plugins.routing.strategies.prefix import (

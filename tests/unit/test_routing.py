@@ -110,7 +110,7 @@ class MetricsReader(LeastRequestStrategy):
 
 
 def test_decisions_with_unknown_metrics_are_counted() -> None:
-    from brickyard.podmetrics import PodMetrics
+    from brickyard_core.podmetrics import PodMetrics
 
     registry = PodRegistry()
     registry.replace_all(pods(2))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from brickyard.typed_config import ConfigError
+from brickyard_core.typed_config import ConfigError
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.discovery.static import StaticDiscovery, load_endpoints
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.router import Router

@@ -7,7 +7,7 @@ import hashlib
 import orjson
 import pytest
 
-from brickyard.credentials import parse_bearer
+from brickyard_core.credentials import parse_bearer
 from gateway_plugins.tenancy.users import InvalidUserError, User, hash_key, key_id_of
 
 DIGEST = hashlib.sha256(b"sk-by-example").hexdigest()

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import xxhash
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings, SessionAffinitySettings
 from gateway_plugins.routing.strategies.base import MetricsStrategy, Stateless, least_load_scores, overloaded
 from gateway_plugins.routing.types import PodState, RoutingRequest

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Protocol
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings
 from gateway_plugins.routing.types import PodState, RoutingRequest
 

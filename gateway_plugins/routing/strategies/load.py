@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
-from brickyard.podmetrics import PodMetrics
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.routing.strategies.base import MetricsStrategy, Stateless, least_load_scores
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
