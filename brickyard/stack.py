@@ -30,12 +30,12 @@ from typing import Any
 import yaml
 
 from brickyard_core.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
+from brickyard_core.defaults import LOOPBACK, NAMESPACE
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENVOY_CONFIGS = REPO_ROOT / "envoy"
-LOOPBACK = "127.0.0.1"
 #: vLLM flags of a small, quick engine for tests and local runs (see docs/real-vllm.md): bf16, short context,
 #: eager mode (no torch.compile), the worker inside the engine-core process (one Python process fewer to
 #: start: ~25% less start-up CPU on the CPU build), prefix caching, and LoRA with two slots.
@@ -228,7 +228,7 @@ class Stack:
         engine: Engine,
         redis_port: int | None,
         *extra: str,
-        namespace: str = "default",
+        namespace: str = NAMESPACE,
         name: str | None = None,
     ) -> int:
         """The runtime sidecar of ``engine`` (pod name = engine name; process ``<engine>-sidecar`` unless
@@ -330,8 +330,8 @@ class Stack:
         )
         return engine
 
-    def write_endpoints(self, engines: Sequence[Engine], model: str, path: Path | None = None) -> Path:
-        path = path or self.workdir / "endpoints.yaml"
+    def write_endpoints(self, engines: Sequence[Engine], model: str, path: Path) -> Path:
+        """The static endpoints file of a gateway at ``path`` (one per gateway: gateways reload theirs)."""
         pods = [{"name": e.name, "address": e.address, "model": model} for e in engines]
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump({"pods": pods}))
@@ -538,7 +538,7 @@ def run_stack(*, engines: int, port: int, contract: str, model: str, profile: st
             for i in range(engines)
         ]
         sidecars = [stack.start_sidecar(engine, redis_port) for engine in started]
-        endpoints = stack.write_endpoints(started, model)
+        endpoints = stack.write_endpoints(started, model, stack.workdir / "endpoints.yaml")
         gateway = stack.start_gateway(contract, endpoints, redis_port=redis_port)
         stack.start_envoy(contract, gateway.grpc, started, port)
         for engine, sidecar in zip(started, sidecars, strict=True):

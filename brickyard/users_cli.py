@@ -12,7 +12,9 @@ from urllib.parse import quote
 
 import orjson
 
-DEFAULT_URL = "http://127.0.0.1:9091"
+from brickyard_core.defaults import ADMIN_PORT, LOOPBACK
+
+DEFAULT_URL = f"http://{LOOPBACK}:{ADMIN_PORT}"
 
 
 def _count(text: str) -> int:

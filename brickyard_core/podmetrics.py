@@ -8,15 +8,27 @@ feeds it samples read from its engine models: both produce records the same
 way, so strategies see the same numbers in production and in simulation.
 
 The bottom of this module is the Redis schema (keys, channels, TTLs, encoding)
-that the sidecar writes and the gateway reads; see docs/pod-metrics.md.
+that the sidecar writes, and the one reader of stored records (``read_records``)
+that the gateway and the controllers share; see docs/pod-metrics.md.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
+
+from brickyard_core.defaults import METRICS_WINDOW_SECONDS
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,7 +88,9 @@ class PodMetrics:
 class MetricsWindow:
     """Rates and means over the last ``window`` seconds of samples from one engine."""
 
-    def __init__(self, window: float = 2.0, *, gpu_type: str = "", engine_type: str = "vllm") -> None:
+    def __init__(
+        self, window: float = METRICS_WINDOW_SECONDS, *, gpu_type: str = "", engine_type: str = "vllm"
+    ) -> None:
         self.window = window
         self.gpu_type = gpu_type
         self.engine_type = engine_type
@@ -174,3 +188,32 @@ def decode_record(data: bytes | str) -> tuple[str, str, PodMetrics]:
         return raw["namespace"], raw["pod"], PodMetrics(**fields)
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"malformed pod-metrics record: {exc}") from exc
+
+
+def fresh_record(
+    data: bytes | str | None, *, max_age: float | None = None, now: float | None = None
+) -> tuple[str, str, PodMetrics] | None:
+    """A stored or published record, decoded; None when there is none, when it is malformed (logged: a
+    sidecar out of step with this schema), or when it is older than ``max_age`` seconds."""
+    if data is None:
+        return None
+    try:
+        decoded = decode_record(data)
+    except ValueError as exc:
+        log.warning("ignoring a malformed pod-metrics record: %s", exc)
+        return None
+    if max_age is not None and (time.time() if now is None else now) - decoded[2].timestamp > max_age:
+        return None
+    return decoded
+
+
+async def read_records(
+    redis: Redis, keys: Sequence[str], *, max_age: float | None = None
+) -> list[tuple[str, str, PodMetrics]]:
+    """The records stored under ``keys`` (one ``MGET``) that ``fresh_record`` keeps, as (namespace, pod
+    name, metrics). Redis failures (``RedisError``, ``OSError``) are the caller's to handle."""
+    if not keys:
+        return []
+    now = time.time()
+    found = (fresh_record(data, max_age=max_age, now=now) for data in await redis.mget(keys))
+    return [record for record in found if record is not None]

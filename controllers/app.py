@@ -11,12 +11,13 @@ from typing import Any
 import aiohttp
 
 from brickyard_core.credentials import SIDECAR_TOKEN_ENV, read_secret, redis_client
-from brickyard_core.kube import api_client_from_environment
+from brickyard_core.kube.client import KubeClient, api_client_from_environment
 from controllers.config import ControllerSettings
 from controllers.model_adapter import ModelAdapterController
 from controllers.model_routes import ModelRouteController
 from controllers.pod_autoscaler import PodAutoscalerController
-from controllers.runtime import EventRecorder, KubeClient, Manager
+from controllers.runtime.events import EventRecorder
+from controllers.runtime.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ControllerApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self.model_adapters is not None:
+                await self.model_adapters.aclose()
             await session.close()
             if redis is not None:
                 await redis.aclose()

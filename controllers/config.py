@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from brickyard_core import defaults
+
 ControllerName = Literal["model-adapter", "pod-autoscaler", "model-routes"]
 
 
@@ -19,7 +21,7 @@ class ModelAdapterSettings:
     #: Failed tries before the adapter's phase becomes Failed (a spec change starts over).
     max_attempts: int = 5
     #: Sidecar port of pods without a ``brickyard.dev/sidecar-port`` annotation or label.
-    sidecar_port: int = 8090
+    sidecar_port: int = defaults.SIDECAR_PORT
     #: File holding the sidecars' adapter API token (or env ``BRICKYARD_SIDECAR_TOKEN``), sent with every
     #: call to a sidecar; unset: none (sidecars listening beyond loopback refuse such calls).
     sidecar_token_file: str | None = None
@@ -38,7 +40,7 @@ class PodAutoscalerSettings:
     #: Seconds to wait for one pod's (or one endpoint's) metrics.
     metrics_timeout_seconds: float = 2.0
     #: A pod-metrics record older than this is ignored.
-    metrics_stale_seconds: float = 2.0
+    metrics_stale_seconds: float = defaults.METRICS_STALE_SECONDS
 
 
 @dataclass
@@ -59,7 +61,7 @@ class ControllerSettings:
     #: Namespace to watch and act in; unset: all namespaces.
     namespace: str | None = None
     #: Redis with the sidecars' pod-metrics records (free LoRA slots, autoscaling metrics); unset: none.
-    redis_url: str | None = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = defaults.REDIS_URL
     #: Controllers to run.
     controllers: list[ControllerName] = field(
         default_factory=lambda: ["model-adapter", "pod-autoscaler", "model-routes"]

@@ -2,7 +2,8 @@
 
 A reconcile (level-triggered: whatever woke it, it reads the world and converges):
 
-1. Deleted (``deletionTimestamp``): unload from every pod that holds it, then drop the finalizer.
+1. Deleted (``deletionTimestamp``): cancel its loads, unload from every pod that holds it or may (a load
+   was in flight there: the sidecar finishes what it started), then drop the finalizer.
 2. Add the finalizer; check the spec (``podSelector`` and ``artifactURL`` required, a known
    ``schedulerName``, ``replicas`` >= 0), else phase Failed.
 3. Candidates: Ready, non-terminating pods of the namespace matching ``podSelector``, with an IP. Their
@@ -10,17 +11,25 @@ A reconcile (level-triggered: whatever woke it, it reads the world and converges
    ``/v1/models`` when a pod has none).
 4. Instances: candidates in ``status.instances`` or whose record lists the adapter, kept if their
    engine's ``/v1/models`` lists it. Pods that died, became unready or left the selector drop out (the
-   adapter is unloaded from the ones still serving); instances beyond ``replicas`` are unloaded.
+   adapter is unloaded from the ones still serving, a load in flight there is cancelled); instances
+   beyond ``replicas`` are unloaded.
 5. Missing instances (``replicas``, unset: every candidate) are placed on candidates with a free LoRA
    slot, ordered by the scheduler (``least-adapters``: fewest adapters first; ``bin-pack``: fullest
    first; ``random``), and loaded through each pod's sidecar (``POST /v1/lora_adapter/load``), skipped
-   where ``/v1/models`` already lists it and verified there afterwards. A pod whose sidecar answers 409
-   (full) is passed over for the next one.
-6. A failed try is counted in ``status.failedAttempts`` with ``status.nextRetryTime`` (``retry_base``
-   doubling, capped); after ``max_attempts`` the phase is Failed until the spec changes.
+   where ``/v1/models`` already lists it and verified there afterwards. A load may take minutes
+   (downloads), so each runs as a task of the controller's, one per adapter and pod: the reconcile
+   returns at once with the phase Loading, and the load's end queues the adapter again for the reconcile
+   that records it. A pod whose sidecar answers 409 (full) hands its turn to the next one.
+6. A try (the loads started until none is in flight) with a failed load is counted in
+   ``status.failedAttempts`` with ``status.nextRetryTime`` (``retry_base`` doubling, capped); after
+   ``max_attempts`` the phase is Failed until the spec changes (which also cancels the loads in flight).
 7. Status (phase, instances, readyReplicas, desiredReplicas, conditions Initialized / Scheduled / Ready,
    observedGeneration) is written through the status subresource only when it changed; a 409 is
    answered by re-reading the object and writing again.
+
+Loads in flight live in memory only: a restarted controller finds the adapter Loading, reads the engines'
+``/v1/models`` and loads again where it is missing (a sidecar serializes loads of one name, so a second
+load of it waits for the first and finds it there).
 """
 
 from __future__ import annotations
@@ -33,34 +42,21 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from brickyard_core.podmetrics import decode_record, pod_key
+from brickyard_core.kube.client import MODEL_ADAPTERS, PODS, SECRETS, KubeClient, Obj
+from brickyard_core.kube.objects import micro_time, object_key, parse_time, pod_ready, selector_matches
+from brickyard_core.podmetrics import PodMetrics, pod_key, read_records
 from controllers.config import ControllerSettings
-from controllers.runtime import (
-    MODEL_ADAPTERS,
-    PODS,
-    SECRETS,
-    Controller,
-    EventRecorder,
-    KubeClient,
-    Manager,
-    Obj,
-    Result,
-    generation_changed,
-    micro_time,
-    object_key,
-    parse_time,
-    pod_ready,
-    selector_matches,
-    set_condition,
-    write_status,
-)
+from controllers.runtime.conditions import find_condition, set_condition, write_status
+from controllers.runtime.controller import Controller, Result, generation_changed
+from controllers.runtime.events import EventRecorder
+from controllers.runtime.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +97,31 @@ class LoadError(Exception):
         self.capacity = capacity
 
 
+@dataclass
+class _Try:
+    """The loads of one placement try of an adapter (one spec generation), until a reconcile records it.
+
+    A load's outcome: True loaded now, False found loaded, or the ``LoadError``. The try ends once every
+    load of it has ended and been taken in and no pod that refused for lack of a slot can hand its turn
+    on; it failed if a load failed.
+    """
+
+    generation: int
+    #: By pod: in flight, or ended and not yet taken in by a reconcile.
+    loads: dict[str, asyncio.Task[bool | LoadError]] = field(default_factory=dict)
+    #: Pods whose sidecar answered 409 (no free slot) in this try: not asked again in it.
+    full: set[str] = field(default_factory=set)
+    failures: list[LoadError] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> set[str]:
+        return {pod for pod, task in self.loads.items() if not task.done()}
+
+    def cancel(self) -> None:
+        for task in self.loads.values():
+            task.cancel()
+
+
 def _port(value: Any, default: int) -> int:
     text = str(value) if value is not None else ""
     return int(text) if text.isdigit() else default
@@ -139,8 +160,11 @@ class ModelAdapterController:
         self.sidecar_headers = {"Authorization": f"Bearer {sidecar_token}"} if sidecar_token else {}
         self.redis = redis
         self.recorder = recorder
-        #: Per key, the last status written and the resourceVersion it replaced, until the cache moves on.
-        self._written: dict[str, tuple[frozenset[str], Obj | None]] = {}
+        #: Per key, the object as the last status write left it and the resourceVersions that write
+        #: replaced, until the cache moves on.
+        self._written: dict[str, tuple[frozenset[str], Obj]] = {}
+        #: Per key, the placement try under way.
+        self._tries: dict[str, _Try] = {}
         self.adapters = manager.informer(MODEL_ADAPTERS)
         self.pods = manager.informer(PODS)
         self.controller = Controller(
@@ -183,18 +207,40 @@ class ModelAdapterController:
 
         return view(old) != view(new)
 
+    # -- loads in flight ----------------------------------------------------------------------------------
+
+    def loading(self, key: str) -> set[str]:
+        """Pods with a load of the ModelAdapter ``key`` in flight."""
+        tried = self._tries.get(key)
+        return tried.in_flight if tried is not None else set()
+
+    async def aclose(self) -> None:
+        """Cancel every load in flight (the controllers are stopping)."""
+        tasks = [task for tried in self._tries.values() for task in tried.loads.values()]
+        self._tries.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _drop(self, key: str) -> None:
+        """Let the adapter's try go: its loads are cancelled, whatever they came to is not recorded."""
+        tried = self._tries.pop(key, None)
+        if tried is not None:
+            tried.cancel()
+
     # -- reconcile --------------------------------------------------------------------------------------
 
     async def reconcile(self, key: str) -> Result:
         obj = self.adapters.get(key)
         if obj is None:
             self._written.pop(key, None)
+            self._drop(key)
             return Result()
-        obj = self._with_own_status(key, obj)
+        obj = self._with_own_write(key, obj)
         meta = obj["metadata"]
         read_version = meta.get("resourceVersion", "")
         if meta.get("deletionTimestamp"):
-            await self._finalize(obj)
+            await self._finalize(key, obj)
             return Result()
         if FINALIZER not in (meta.get("finalizers") or []):
             obj = await self.client.patch(
@@ -212,6 +258,7 @@ class ModelAdapterController:
         generation = obj["metadata"].get("generation")
         problems = _validate(spec)
         if problems:
+            self._drop(key)
             message = "; ".join(problems)
             status = self._status(obj, phase="Failed", instances=[], desired=0)
             status["conditions"] = set_condition(
@@ -225,7 +272,12 @@ class ModelAdapterController:
         same_generation = old.get("observedGeneration") == generation
         attempts = int(old.get("failedAttempts") or 0) if same_generation else 0
         next_retry = parse_time(old.get("nextRetryTime")) if same_generation else None
-        error: str | None = None  # a try failed in this reconcile
+        tried = self._tries.get(key)
+        if tried is not None and tried.generation != generation:
+            self._drop(key)  # the spec changed: a try of the new one starts over
+            tried = None
+        if tried is not None:
+            await self._collect(obj, tried)
 
         name = obj["metadata"]["name"]
         candidates = await self._candidates(obj)
@@ -233,6 +285,9 @@ class ModelAdapterController:
         previous = list(old.get("instances") or [])
         instances = await self._current_instances(name, candidates, previous)
         await self._unload_departed(obj, previous, candidates)
+        if tried is not None:
+            for pod in tried.in_flight - {c.name for c in candidates}:
+                tried.loads.pop(pod).cancel()  # the pod left
         if len(instances) > desired:
             for extra in instances[desired:]:
                 await self._unload(obj, extra)
@@ -240,51 +295,65 @@ class ModelAdapterController:
 
         requeue: float | None = None
         now = time.time()
-        free = [c for c in candidates if c.name not in {i.name for i in instances} and c.has_free_slot]
-        if len(instances) < desired and attempts < self.settings.max_attempts:
-            if next_retry is not None and now < next_retry:
+        # Loads not taken in: in flight, or ended during the reads above (the next reconcile records them).
+        loading = set(tried.loads) if tried is not None else set()
+        taken = {c.name for c in instances} | loading
+        skip = taken | (tried.full if tried is not None else set())
+        askable = [c for c in candidates if c.name not in skip and c.has_free_slot]
+        need = desired - len(instances) - len(loading)
+        if need > 0 and askable and attempts < self.settings.max_attempts and not (tried and tried.failures):
+            if tried is None and next_retry is not None and now < next_retry:
                 requeue = next_retry - now
-            elif free:
-                loaded, failures = await self._place(obj, self._order(spec, free), desired - len(instances))
-                instances += loaded
-                free = [c for c in free if c not in loaded]
-                if failures:
-                    attempts += 1
-                    error = "; ".join(str(f) for f in failures)
-                    if attempts < self.settings.max_attempts:
-                        delay = min(
-                            self.settings.retry_base_seconds * 2 ** (attempts - 1),
-                            self.settings.retry_max_seconds,
-                        )
-                        next_retry, requeue = time.time() + delay, delay  # after the loads took their time
-                        await self.recorder.warning(
-                            obj,
-                            "LoadFailed",
-                            f"try {attempts} of {self.settings.max_attempts} failed, "
-                            f"next in {delay:g} s: {error}",
-                        )
-                    else:
-                        next_retry = None
-                        await self.recorder.warning(
-                            obj,
-                            "RetriesExhausted",
-                            f"{attempts} tries failed, giving up until the spec changes: {error}",
-                        )
+            else:
+                tried = self._tries.setdefault(key, _Try(generation))
+                await self._start_loads(key, obj, tried, self._order(spec, askable)[:need])
+                next_retry = None  # this is the try it waited for
+                loading = set(tried.loads)
+
+        error: str | None = None  # the try that ended here failed
+        if tried is not None and not loading:  # every load taken in, no turn to hand on: the try is over
+            del self._tries[key]
+            if tried.failures:
+                attempts += 1
+                error = "; ".join(str(f) for f in tried.failures)
+                next_retry = await self._failed(obj, attempts, error)
+                if next_retry is not None:
+                    requeue = next_retry - time.time()
         if len(instances) >= desired:
             attempts, next_retry = 0, None
+        if loading:
+            # The loads' ends queue the adapter; this visit is the backstop, when they must have ended.
+            requeue = self.settings.load_timeout_seconds
 
+        taken = {c.name for c in instances} | loading
         status = self._conditions_and_phase(
             obj,
             candidates=candidates,
             instances=instances,
+            loading=loading,
             desired=desired,
             attempts=attempts,
             next_retry=next_retry,
             error=error,
-            free_slots=bool(free),
+            free_slots=any(c.name not in taken and c.has_free_slot for c in candidates),
         )
         await self._write_status(obj, status, read_version)
         return Result(requeue_after=requeue)
+
+    async def _failed(self, obj: Obj, attempts: int, error: str) -> float | None:
+        """Record the failed try ``attempts``; when the next try is due (None: not until the spec changes)."""
+        if attempts >= self.settings.max_attempts:
+            await self.recorder.warning(
+                obj, "RetriesExhausted", f"{attempts} tries failed, giving up until the spec changes: {error}"
+            )
+            return None
+        delay = min(self.settings.retry_base_seconds * 2 ** (attempts - 1), self.settings.retry_max_seconds)
+        await self.recorder.warning(
+            obj,
+            "LoadFailed",
+            f"try {attempts} of {self.settings.max_attempts} failed, next in {delay:g} s: {error}",
+        )
+        return time.time() + delay
 
     # -- world ------------------------------------------------------------------------------------------
 
@@ -298,15 +367,7 @@ class ModelAdapterController:
         records = await self._records(meta["namespace"], [p["metadata"]["name"] for p in pods])
         candidates = []
         for pod in pods:
-            pod_meta = pod["metadata"]
-            labels, annotations = pod_meta.get("labels") or {}, pod_meta.get("annotations") or {}
-            sidecar = annotations.get(SIDECAR_PORT_KEY, labels.get(SIDECAR_PORT_KEY))
-            candidate = Candidate(
-                name=pod_meta["name"],
-                ip=pod["status"]["podIP"],
-                engine_port=_port(labels.get(ENGINE_PORT_LABEL), DEFAULT_ENGINE_PORT),
-                sidecar_port=_port(sidecar, self.settings.sidecar_port),
-            )
+            candidate = self._reachable(pod)
             record = records.get(candidate.name)
             if record is not None:
                 candidate = dataclasses.replace(
@@ -322,23 +383,16 @@ class ModelAdapterController:
         ]
         return sorted(candidates, key=lambda c: c.name)
 
-    async def _records(self, namespace: str, names: list[str]) -> dict[str, Any]:
-        if self.redis is None or not names:
+    async def _records(self, namespace: str, names: list[str]) -> dict[str, PodMetrics]:
+        """The pods' healthy records, by pod name; none without Redis, or when it fails."""
+        if self.redis is None:
             return {}
         try:
-            raw = await self.redis.mget([pod_key(namespace, name) for name in names])
+            found = await read_records(self.redis, [pod_key(namespace, name) for name in names])
         except (RedisError, OSError) as exc:
             log.warning("cannot read pod-metrics records, placing without them: %s", exc)
             return {}
-        records = {}
-        for data in raw:
-            if data is None:
-                continue
-            with contextlib.suppress(ValueError):
-                _, pod, record = decode_record(data)
-                if record.healthy:
-                    records[pod] = record
-        return records
+        return {pod: record for _, pod, record in found if record.healthy}
 
     async def _engine_adapters(self, pod: Candidate) -> tuple[str, ...] | None:
         """Adapters the engine lists on ``/v1/models`` (cards with a parent); None if it did not answer."""
@@ -377,34 +431,52 @@ class ModelAdapterController:
 
     # -- loading and unloading --------------------------------------------------------------------------
 
-    async def _place(
-        self, obj: Obj, pool: list[Candidate], need: int
-    ) -> tuple[list[Candidate], list[LoadError]]:
-        """Load on the first ``need`` pods of ``pool``; a full pod hands its turn to the next one."""
+    async def _start_loads(self, key: str, obj: Obj, tried: _Try, pods: list[Candidate]) -> None:
+        """Start a load on each of ``pods``; each one's end queues the adapter again."""
         try:
             credentials = await self._credentials(obj)
         except LoadError as exc:
-            return [], [exc]
-        loaded: list[Candidate] = []
-        failures: list[LoadError] = []
-        remaining = list(pool)
-        while len(loaded) < need and remaining and not failures:
-            batch, remaining = remaining[: need - len(loaded)], remaining[need - len(loaded) :]
-            results = await asyncio.gather(
-                *(self._load(obj, pod, credentials) for pod in batch), return_exceptions=True
+            tried.failures.append(exc)
+            return
+
+        def ended(task: asyncio.Task[bool | LoadError]) -> None:
+            if not task.cancelled():
+                self.controller.queue.add(key)
+
+        for pod in pods:
+            task = asyncio.create_task(
+                self._load_outcome(obj, pod, credentials), name=f"load-{key}-{pod.name}"
             )
-            for pod, result in zip(batch, results, strict=True):
-                if isinstance(result, LoadError):
-                    if not result.capacity:
-                        failures.append(result)
-                elif isinstance(result, BaseException):
-                    raise result
+            task.add_done_callback(ended)
+            tried.loads[pod.name] = task
+
+    async def _collect(self, obj: Obj, tried: _Try) -> None:
+        """Take in the try's loads that ended: record the successes, remember what failed and which pods
+        were full."""
+        name = obj["metadata"]["name"]
+        for pod, task in list(tried.loads.items()):
+            if not task.done():
+                continue
+            del tried.loads[pod]
+            if task.cancelled():
+                continue
+            outcome = task.result()  # a failure other than a LoadError is the reconcile's (backoff)
+            if isinstance(outcome, LoadError):
+                if outcome.capacity:
+                    tried.full.add(pod)
                 else:
-                    loaded.append(pod)
-                    if result:  # not just found there
-                        name = obj["metadata"]["name"]
-                        await self.recorder.normal(obj, "Loaded", f"adapter {name} loaded on pod {pod.name}")
-        return loaded, failures
+                    tried.failures.append(outcome)
+            elif outcome:  # not just found there
+                await self.recorder.normal(obj, "Loaded", f"adapter {name} loaded on pod {pod}")
+
+    async def _load_outcome(
+        self, obj: Obj, pod: Candidate, credentials: dict[str, str] | None
+    ) -> bool | LoadError:
+        """A load task: ``_load``'s answer, or the ``LoadError`` it raised (for a later reconcile)."""
+        try:
+            return await self._load(obj, pod, credentials)
+        except LoadError as exc:
+            return exc
 
     async def _load(self, obj: Obj, pod: Candidate, credentials: dict[str, str] | None) -> bool:
         """Make the pod's engine serve the adapter: True if loaded now, False if it already did."""
@@ -487,12 +559,19 @@ class ModelAdapterController:
             ),
         )
 
-    async def _finalize(self, obj: Obj) -> None:
+    async def _finalize(self, key: str, obj: Obj) -> None:
         meta = obj["metadata"]
         finalizers = meta.get("finalizers") or []
         if FINALIZER not in finalizers:
+            self._drop(key)
             return
         holders = set((obj.get("status") or {}).get("instances") or [])
+        tried = self._tries.get(key)
+        if tried is not None:
+            # Cancelled, but the sidecar finishes what it started: unloading there waits for it (the sidecar
+            # serializes one name's calls). Kept until the finalizer is through, should an unload fail.
+            tried.cancel()
+            holders.update(tried.loads)
         candidates = (
             await self._candidates(obj)
             if isinstance((obj.get("spec") or {}).get("podSelector"), dict)
@@ -504,6 +583,7 @@ class ModelAdapterController:
             if pod is None or not pod_ready(pod):
                 continue  # the pod is gone or not serving: so is the adapter on it
             await self._unload(obj, self._reachable(pod))  # a failure re-queues with backoff
+        self._tries.pop(key, None)
         await self.client.patch(
             MODEL_ADAPTERS,
             meta["namespace"],
@@ -549,6 +629,7 @@ class ModelAdapterController:
         *,
         candidates: list[Candidate],
         instances: list[Candidate],
+        loading: set[str],
         desired: int,
         attempts: int,
         next_retry: float | None,
@@ -561,6 +642,8 @@ class ModelAdapterController:
             phase = "Failed"
         elif desired > 0 and len(names) >= desired:
             phase = "Running"
+        elif loading:
+            phase = "Loading"
         elif names:
             phase = "Bound"
         elif free_slots and desired > 0:
@@ -573,7 +656,7 @@ class ModelAdapterController:
             conds = set_condition(
                 conds, "Scheduled", False, "NoCandidatePods", "no Ready pod matches podSelector"
             )
-        elif len(names) < desired and not free_slots:
+        elif len(names) + len(loading) < desired and not free_slots:
             conds = set_condition(
                 conds,
                 "Scheduled",
@@ -583,7 +666,7 @@ class ModelAdapterController:
             )
         else:
             conds = set_condition(conds, "Scheduled", True, "Scheduled", f"{len(candidates)} candidate pods")
-        failed_before = _find(conds, "Ready")
+        failed_before = find_condition(conds, "Ready")
         if desired > 0 and len(names) >= desired:
             conds = set_condition(
                 conds, "Ready", True, "AllReplicasReady", f"loaded on {len(names)} of {desired} pods"
@@ -601,6 +684,14 @@ class ModelAdapterController:
                     "LoadFailed",
                     f"try {attempts} of {self.settings.max_attempts}: {error}",
                 )
+        elif loading:
+            conds = set_condition(
+                conds,
+                "Ready",
+                False,
+                "Loading",
+                f"loading on {', '.join(sorted(loading))}; loaded on {len(names)} of {desired} pods",
+            )
         elif attempts and failed_before and failed_before.get("reason") in ("LoadFailed", "RetriesExhausted"):
             pass  # waiting for the next try (or for a spec change): the last failure still stands
         else:
@@ -621,22 +712,20 @@ class ModelAdapterController:
         written = await write_status(self.client, MODEL_ADAPTERS, obj, status)
         if written is not None:
             replaced = frozenset({written.replaced_version, read_version})
-            self._written[object_key(written.obj)] = (replaced, written.obj.get("status"))
+            self._written[object_key(written.obj)] = (replaced, written.obj)
         return written is not None
 
-    def _with_own_status(self, key: str, obj: Obj) -> Obj:
-        """The cached object, with the status this controller wrote over it if the watch has not brought
-        that write back yet: a reconcile right after a write must not act on the status before it (try a
-        failed load again, record its events twice). Any other version of the object is the truth."""
+    def _with_own_write(self, key: str, obj: Obj) -> Obj:
+        """The cached object, or the one this controller's last status write made of it if the watch has
+        not brought that write back yet: a reconcile right after a write (a load's end comes soon after
+        the write that said Loading) must neither act on the status before it (try a failed load again,
+        record its events twice) nor write over a resourceVersion already gone (a 409). Any other version
+        of the object is the truth."""
         memo = self._written.get(key)
         if memo is None:
             return obj
-        replaced, status = memo
+        replaced, written = memo
         if obj["metadata"].get("resourceVersion") not in replaced:
             del self._written[key]  # the cache has our write, or something newer
             return obj
-        return {**obj, "status": status}
-
-
-def _find(conditions: Any, type_: str) -> Obj | None:
-    return next((c for c in conditions or [] if isinstance(c, dict) and c.get("type") == type_), None)
+        return written

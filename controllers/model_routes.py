@@ -19,19 +19,12 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from brickyard_core.kube.client import DEPLOYMENTS, HTTP_ROUTES, KubeClient, Obj
+from brickyard_core.kube.objects import owner_reference, split_key
 from controllers.config import ControllerSettings
-from controllers.runtime import (
-    DEPLOYMENTS,
-    HTTP_ROUTES,
-    Controller,
-    EventRecorder,
-    KubeClient,
-    Manager,
-    Obj,
-    Result,
-    owner_reference,
-    split_key,
-)
+from controllers.runtime.controller import Controller, Result
+from controllers.runtime.events import EventRecorder
+from controllers.runtime.manager import Manager
 
 log = logging.getLogger(__name__)
 

@@ -38,27 +38,15 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
-from brickyard_core.podmetrics import decode_record, pod_key
+from brickyard_core.kube.client import HPAS, POD_AUTOSCALERS, PODS, ApiError, KubeClient, Obj
+from brickyard_core.kube.objects import now_rfc3339, owner_reference, pod_ready
+from brickyard_core.podmetrics import pod_key, read_records
 from controllers.autoscaling.algorithms import Decision, MetricWindow, ScalerState, ScalingPolicy, apa, kpa
 from controllers.config import ControllerSettings
-from controllers.runtime import (
-    HPAS,
-    POD_AUTOSCALERS,
-    PODS,
-    ApiError,
-    Controller,
-    EventRecorder,
-    KubeClient,
-    Manager,
-    Obj,
-    Result,
-    generation_changed,
-    now_rfc3339,
-    owner_reference,
-    pod_ready,
-    set_condition,
-    write_status,
-)
+from controllers.runtime.conditions import find_condition, set_condition, write_status
+from controllers.runtime.controller import Controller, Result, generation_changed
+from controllers.runtime.events import EventRecorder
+from controllers.runtime.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +248,7 @@ class PodAutoscalerController:
         except MetricError as exc:
             before = conds
             status["conditions"] = set_condition(conds, "ScalingActive", False, "FailedGetMetrics", str(exc))
-            if _status_of(before, "ScalingActive") != "False":
+            if (find_condition(before, "ScalingActive") or {}).get("status") != "False":
                 await self.recorder.warning(obj, "FailedGetMetrics", str(exc))
             status["conditions"] = set_condition(
                 status["conditions"], "AbleToScale", True, "ReadyForNewScale", "the scale subresource answers"
@@ -401,27 +389,27 @@ class PodAutoscalerController:
         return sum(reported) + (len(values) - len(reported)) * (sum(reported) / len(reported))
 
     async def _records(self, namespace: str, pods: list[Obj], metric: str) -> list[float | None]:
+        """Each pod's ``metric`` from its fresh, healthy record; None for a pod without one."""
         fields = RECORD_METRICS.get(metric, (metric,))
         if self.redis is None:
             raise MetricError("redis metric source but no redis_url configured")
+        names = [p["metadata"]["name"] for p in pods]
         try:
-            raw = await self.redis.mget([pod_key(namespace, p["metadata"]["name"]) for p in pods])
+            found = await read_records(
+                self.redis,
+                [pod_key(namespace, name) for name in names],
+                max_age=self.settings.metrics_stale_seconds,
+            )
         except (RedisError, OSError) as exc:
             raise MetricError(f"Redis: {exc}") from exc
-        values: list[float | None] = []
-        oldest = time.time() - self.settings.metrics_stale_seconds
-        for data in raw:
-            value = None
-            if data is not None:
-                with contextlib.suppress(ValueError):
-                    _, _, record = decode_record(data)
-                    if record.healthy and record.timestamp >= oldest:
-                        try:
-                            value = float(sum(getattr(record, f) for f in fields))
-                        except (AttributeError, TypeError):
-                            raise MetricError(f"pod-metrics records have no field {metric!r}") from None
-            values.append(value)
-        return values
+        records = {pod: record for _, pod, record in found if record.healthy}
+        try:
+            return [
+                float(sum(getattr(records[name], f) for f in fields)) if name in records else None
+                for name in names
+            ]
+        except (AttributeError, TypeError):
+            raise MetricError(f"pod-metrics records have no field {metric!r}") from None
 
     async def _scrape(self, url: str, metric: str) -> float | None:
         """The sum of the series named ``metric`` on a Prometheus text endpoint; None if unavailable."""
@@ -562,10 +550,6 @@ def _state_of(obj: Obj) -> ScalerState:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             return ScalerState.from_dict(json.loads(text))
     return ScalerState()
-
-
-def _status_of(conditions: list[Obj], type_: str) -> str | None:
-    return next((c.get("status") for c in conditions if c.get("type") == type_), None)
 
 
 def _contains(have: Any, want: Any) -> bool:

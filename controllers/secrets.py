@@ -20,8 +20,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from brickyard_core.kube import api_client_from_environment
-from controllers.runtime import SECRETS, ApiError, KubeClient, Obj
+from brickyard_core.kube.client import SECRETS, ApiError, KubeClient, Obj, api_client_from_environment
 
 #: Tries at one Secret that keeps changing between our read and our write.
 ATTEMPTS = 5

@@ -40,6 +40,8 @@ from gateway_plugins.routing.strategies import Strategy, build_strategies
 from gateway_plugins.routing.types import Endpoint, PodState, RoutingRequest
 
 Clock = Callable[[], float]
+#: Builds the router's strategies on the simulator's clock and random source.
+StrategiesFactory = Callable[[Clock, random.Random], Mapping[str, Strategy]]
 
 
 @dataclass
@@ -58,7 +60,7 @@ class FleetSpec:
     #: Trailing window of the rates and means in each record.
     metrics_window: float = 2.0
     max_loras: int | None = None
-    seed: int = 0  # random tie-breaks in strategies
+    seed: int = 0  # seeds the run's random source: tie-breaks, the random strategies' draws
     #: Strategy knobs and presets, as in the gateway's configuration.
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     #: With an autoscaler: seconds from an engine's creation until it is routable (scheduling, image pull,
@@ -183,13 +185,14 @@ class FleetSimulator:
         self,
         spec: FleetSpec,
         *,
-        strategies: Mapping[str, Strategy] | Callable[[Clock], Mapping[str, Strategy]] | None = None,
+        strategies: Mapping[str, Strategy] | StrategiesFactory | None = None,
         autoscaler: Autoscaler | None = None,
     ) -> None:
-        """``strategies``: the router's strategies, or a factory of them given the virtual clock
-        (default: ``build_strategies(spec.routing)`` on that clock). ``autoscaler``: makes the fleet
-        elastic (module docstring); ``spec`` then gives its initial size, and its engines share one
-        profile."""
+        """``strategies``: the router's strategies, or a factory of them given the virtual clock and the
+        run's random source (default: ``build_strategies(spec.routing)`` on both; strategies given as a
+        mapping keep the random source they were built with). ``autoscaler``: makes
+        the fleet elastic (module docstring); ``spec`` then gives its initial size, and its engines share
+        one profile."""
         self.spec = spec
         names = spec.engine_profiles()
         if autoscaler is not None and len(set(names)) > 1:
@@ -204,15 +207,13 @@ class FleetSimulator:
         )
         #: Virtual time of the event being processed: the clock of strategies that expire state.
         self.now = 0.0
+        #: The one random source of the strategies and the router's tie-breaks: a seed gives one run.
+        self.rng = random.Random(spec.seed)
         if strategies is None:
-            strategies = build_strategies(spec.routing, clock=self.clock)
+            strategies = build_strategies(spec.routing, clock=self.clock, rng=self.rng)
         elif callable(strategies):
-            strategies = strategies(self.clock)
-        self.router = Router(
-            registry,
-            strategies,
-            default_strategy=spec.strategy,
-        )
+            strategies = strategies(self.clock, self.rng)
+        self.router = Router(registry, strategies, default_strategy=spec.strategy, rng=self.rng)
         pods = {pod.name: pod for pod in registry.ready_pods(spec.model)}
         self.engines = [
             _Engine(
@@ -251,7 +252,6 @@ class FleetSimulator:
         return self.now
 
     def run(self, requests: Iterable[WorkloadRequest]) -> FleetResult:
-        random.seed(self.spec.seed)
         started = time.perf_counter()
         spec = self.spec
         rejected, first_arrival = 0, None

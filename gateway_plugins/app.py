@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 
@@ -17,6 +18,7 @@ from gateway_plugins.discovery.kubernetes import KubernetesDiscovery, ModelAdapt
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.discovery.static import StaticDiscovery
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
+from gateway_plugins.extproc.stream import ExtProcStream
 from gateway_plugins.health import HealthServer
 from gateway_plugins.metrics import PodCollector, RequestMetrics, metrics_app
 from gateway_plugins.pod_metrics_store import PodMetricsStore
@@ -43,7 +45,9 @@ class Gateway:
             },
         )
         self.metrics = CollectorRegistry()
-        self.tenancy = _tenancy(settings.tenancy, settings.redis_url) if settings.tenancy.enabled else None
+        self.tenancy = (
+            _tenancy(settings.tenancy, settings.redis_url, self.metrics) if settings.tenancy.enabled else None
+        )
         self.service = ExtProcService(
             settings,
             self.pods,
@@ -53,7 +57,7 @@ class Gateway:
             engine_api_key=read_secret(settings.engine_credentials.api_key_file, "BRICKYARD_ENGINE_API_KEY"),
         )
         self.grpc = GrpcServer(
-            {PROCESS_METHOD: self.service},
+            {PROCESS_METHOD: functools.partial(ExtProcStream, self.service)},
             # A BUFFERED body arrives as one message: leave room to answer 413 ourselves.
             max_message_bytes=max(64 << 20, 2 * settings.max_body_bytes),
         )
@@ -144,7 +148,7 @@ class Gateway:
             await runner.cleanup()
 
 
-def _tenancy(settings: TenancySettings, redis_url: str | None) -> Tenancy:
+def _tenancy(settings: TenancySettings, redis_url: str | None, registry: CollectorRegistry) -> Tenancy:
     if not redis_url:
         raise ValueError("tenancy needs redis_url: users and limits live in Redis")
     timeout = settings.redis_timeout_seconds
@@ -153,7 +157,8 @@ def _tenancy(settings: TenancySettings, redis_url: str | None) -> Tenancy:
         fail_open=settings.failure_policy == "open",
         timeout=timeout,
     )
-    return Tenancy(settings, UserDirectory(redis_url, resync_seconds=settings.users_resync_seconds), limiter)
+    users = UserDirectory(redis_url, resync_seconds=settings.users_resync_seconds)
+    return Tenancy(settings, users, limiter, registry)
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from brickyard_core import defaults
 
 Contract = Literal["aibrix", "epp"]
 
@@ -125,6 +127,8 @@ class RoutingSettings:
     #: Named weighted combinations, usable wherever a strategy name is (header, defaults), besides the
     #: built-in ``inference-extension`` (``least-queue:2,least-kv-cache:2,prefix-cache:3``).
     presets: dict[str, str] = field(default_factory=dict)
+    #: Third-party strategies' own settings (entry points ``brickyard.strategies``), free-form, by name.
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,7 +168,7 @@ class TenancySettings:
     #: per-user token metrics). Responses of such requests pass through the gateway.
     account_usage: bool = True
     #: HTTP port of the admin API (users and keys); served only when an admin token is set.
-    admin_port: int = 9091
+    admin_port: int = defaults.ADMIN_PORT
     #: File holding the admin API's bearer token (or env ``BRICKYARD_ADMIN_TOKEN``); unset: no admin API.
     admin_token_file: str | None = None
 
@@ -191,11 +195,11 @@ class GatewaySettings:
     #: Address the gRPC, health and metrics servers bind to.
     listen_host: str = "0.0.0.0"
     #: ext_proc gRPC port (the Inference Extension's default).
-    grpc_port: int = 9002
+    grpc_port: int = defaults.GRPC_PORT
     #: gRPC health service port (services "", liveness, readiness, the ext_proc service).
-    health_port: int = 9003
+    health_port: int = defaults.HEALTH_PORT
     #: HTTP port of /metrics.
-    metrics_port: int = 9090
+    metrics_port: int = defaults.METRICS_PORT
     #: Strategy when neither the request nor the model's settings name one: a name, a preset or a
     #: weighted combination (``prefix-cache:3,least-request:1``).
     default_strategy: str = "least-request"
@@ -212,7 +216,7 @@ class GatewaySettings:
     #: Redis with the sidecars' pod-metrics records and other gateways' in-flight counts; unset: neither.
     redis_url: str | None = None
     #: A pod-metrics record older than this is unknown to routing (never read as saturated).
-    metrics_stale_seconds: float = 2.0
+    metrics_stale_seconds: float = defaults.METRICS_STALE_SECONDS
     #: Seconds between reports of this gateway's in-flight counts to the other replicas.
     inflight_share_seconds: float = 0.05
     #: AIBrix contract: ask Envoy for every routed request's response headers, so request counts carry

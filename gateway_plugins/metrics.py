@@ -57,24 +57,26 @@ class RequestMetrics:
             buckets=_TOKEN_BUCKETS,
             registry=registry,
         )
-        self.prompt_tokens = Counter(
-            "brickyard_prompt_tokens",
-            "Prompt tokens from the responses' usage, by model and user.",
-            ["model", "user"],
-            registry=registry,
-        )
-        self.completion_tokens = Counter(
-            "brickyard_completion_tokens",
-            "Completion tokens from the responses' usage, by model and user.",
-            ["model", "user"],
-            registry=registry,
-        )
-        self.unaccounted = Counter(
-            "brickyard_unaccounted_responses",
-            "Responses the gateway read for usage that ended without any (client gone, engine error).",
-            ["model"],
-            registry=registry,
-        )
+
+
+class ResponseTimer:
+    """Gateway-side time to first token and inter-token latency of one response the gateway reads."""
+
+    __slots__ = ("_itl", "_last", "_ttft")
+
+    def __init__(self, metrics: RequestMetrics, model: str, routed_at: float, streamed: bool) -> None:
+        self._ttft = metrics.ttft_seconds.labels(model)
+        self._itl = metrics.itl_seconds.labels(model) if streamed else None
+        self._last = routed_at
+
+    def chunk(self, now: float) -> None:
+        """A body chunk arrived at ``now`` (``time.perf_counter``): the first is the TTFT, the rest ITLs."""
+        if self._ttft is not None:
+            self._ttft.observe(now - self._last)
+            self._ttft = None
+        elif self._itl is not None:
+            self._itl.observe(now - self._last)
+        self._last = now
 
 
 class PodCollector(Collector):
@@ -133,8 +135,8 @@ class PodCollector(Collector):
             "metrics were known).",
             labels=["strategy"],
         )
-        for strategy in {id(s): s for s in self.router.strategies.values()}.values():
-            fallbacks.add_metric([strategy.name], strategy.fallbacks)
+        for strategy, count in self.router.fallback_decisions.items():
+            fallbacks.add_metric([strategy], count)
         yield fallbacks
         yield CounterMetricFamily(
             "brickyard_routing_unknown_metrics_decisions",

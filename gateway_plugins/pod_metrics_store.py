@@ -2,8 +2,9 @@
 
 Fed from Redis by subscription: each record a sidecar publishes reaches
 ``PodState.metrics`` within milliseconds (measured against polling in
-bench/freshness). On (re)connection the store reads every stored record once,
-so nothing published while it was away is missed for long. Records older than
+bench/freshness). On (re)connection the store reads every stored record once
+(``brickyard_core.podmetrics.read_records``, the controllers' reader too), so
+nothing published while it was away is missed for long. Records older than
 ``stale_seconds`` are dropped to ``None``: strategies treat that pod's metrics
 as unknown, never as saturated or idle.
 
@@ -44,8 +45,10 @@ from brickyard_core.podmetrics import (
     INFLIGHT_CHANNEL,
     POD_CHANNEL,
     POD_KEY_PREFIX,
-    decode_record,
+    PodMetrics,
+    fresh_record,
     pod_key,
+    read_records,
 )
 from gateway_plugins.discovery.registry import PodRegistry
 
@@ -113,19 +116,17 @@ class PodMetricsStore:
     async def _load_stored(self) -> None:
         """Every stored record, once: what was published while we were not listening."""
         keys = [key async for key in self.redis.scan_iter(match=f"{POD_KEY_PREFIX}*", count=500)]
-        if keys:
-            for data in await self.redis.mget(keys):
-                if data is not None:
-                    self._apply(data)
+        for namespace, name, record in await read_records(self.redis, keys, max_age=self.stale_seconds):
+            self._apply_record(namespace, name, record)
 
     def _apply(self, data: bytes) -> None:
-        try:
-            namespace, name, record = decode_record(data)
-        except ValueError as exc:
-            log.warning("ignoring a malformed pod-metrics record: %s", exc)
-            return
+        """A published record."""
+        if (decoded := fresh_record(data, max_age=self.stale_seconds)) is not None:
+            self._apply_record(*decoded)
+
+    def _apply_record(self, namespace: str, name: str, record: PodMetrics) -> None:
         state = self.registry.state(namespace, name)
-        if state is None or time.time() - record.timestamp > self.stale_seconds:
+        if state is None:
             return
         if state.metrics is None or record.timestamp >= state.metrics.timestamp:
             state.apply_metrics(record)

@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
+from brickyard_core import defaults
+
 
 @dataclass
 class ArtifactSettings:
@@ -27,30 +29,30 @@ class ArtifactSettings:
 @dataclass
 class SidecarSettings:
     #: Base URL of the engine this sidecar runs beside.
-    engine_url: str = "http://127.0.0.1:8000"
+    engine_url: str = f"http://{defaults.LOOPBACK}:8000"
     #: Engine type; ``auto`` detects it from the metric names.
     engine: Literal["auto", "vllm", "sglang"] = "auto"
     #: Identity of the pod, as discovery knows it (Kubernetes: the downward API's POD_NAME / POD_NAMESPACE).
     pod: str = field(default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname())
-    namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
+    namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or defaults.NAMESPACE)
     #: Model the engine serves (informational; routing keys on the pod).
     model: str = ""
     #: GPU type published with every record (heterogeneous fleets route on it).
     gpu_type: str = ""
     #: Where records go; unset runs without publishing (local /metrics only).
-    redis_url: str | None = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = defaults.REDIS_URL
     #: Seconds between scrapes, one record published per scrape.
     interval_seconds: float = 0.05
     #: Seconds a record lives in Redis without being refreshed.
     ttl_seconds: float = 10.0
     #: Trailing window of the rates and means in each record.
-    window_seconds: float = 2.0
+    window_seconds: float = defaults.METRICS_WINDOW_SECONDS
     #: A scrape slower than this counts as a failure (the engine is marked unhealthy).
     scrape_timeout_seconds: float = 1.0
     #: Address and port of the sidecar's HTTP API (adapters; also /healthz, /ready, /metrics). Loopback
     #: unless a token is set: the adapter API never listens on the network unauthenticated.
-    listen_host: str = "127.0.0.1"
-    port: int = 8090
+    listen_host: str = defaults.LOOPBACK
+    port: int = defaults.SIDECAR_PORT
     #: File holding the adapter API's bearer token (or env ``BRICKYARD_SIDECAR_TOKEN``); required when
     #: ``listen_host`` is not a loopback address.
     api_token_file: str | None = None

@@ -1,4 +1,8 @@
-"""Shared fixtures: real processes (Redis, emulated engines, gateway, Envoy) on loopback."""
+"""Shared fixtures: real processes (Redis, emulated engines, gateway, Envoy) on loopback.
+
+Each test module gets a stack of its own, stopped when the module ends: processes of earlier modules
+never compete for the machine's two cores with later ones (the real-vLLM package's engines least of all).
+"""
 
 from __future__ import annotations
 
@@ -33,14 +37,14 @@ def credentials() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Sidecars may load adapters in place from anywhere under pytest's temporary directory (``tmp_path``).
     with Stack(tmp_path_factory.mktemp("stack"), adapter_roots=[tmp_path_factory.getbasetemp()]) as running:
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_port(stack: Stack) -> int:
     return stack.start_redis()
 
@@ -55,16 +59,16 @@ def redis_at(port: int) -> redis.Redis:
     return redis.Redis(port=port, password=os.environ[REDIS_PASSWORD_ENV])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engines(stack: Stack) -> list[Engine]:
     # The default engine profile (Llama-3.1-8B on H100): a decode step takes ~7 ms, so streams last long
     # enough to watch them in flight.
     return [stack.start_engine(f"engine-{i}", MODEL, None, "--enable-lora") for i in range(3)]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def endpoints_file(stack: Stack, engines: list[Engine]) -> Path:
-    path = stack.write_endpoints(engines, MODEL)
+    path = stack.write_endpoints(engines, MODEL, stack.workdir / "endpoints.yaml")
     data = yaml.safe_load(path.read_text())
     data["pods"].append({"name": "cold-0", "address": "127.0.0.1:9", "model": COLD_MODEL, "ready": False})
     path.write_text(yaml.safe_dump(data))
@@ -101,7 +105,7 @@ class Deployment:
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="session", params=["aibrix", "epp"])
+@pytest.fixture(scope="module", params=["aibrix", "epp"])
 def deployment(
     request: pytest.FixtureRequest, stack: Stack, redis_port: int, engines: list[Engine], endpoints_file: Path
 ) -> Deployment:

@@ -1,6 +1,7 @@
 """Gateway overhead benchmark: what Envoy + Brickyard add over Envoy alone and over no proxy.
 
     python -m bench.overhead [--rounds 3] [--duration 10] [--rates 100,400] [--max-seconds 10]
+                             [--baseline REF]
 
 Four paths to the same emulated engines, measured in interleaved rounds in one
 run (the machine is shared and noisy, so compare within a run, as ratios):
@@ -13,6 +14,10 @@ run (the machine is shared and noisy, so compare within a run, as ratios):
     limits       aibrix with tenancy: the ``user`` header's RPM/TPM checked in Redis, usage not read
     accounting   limits + the response read for its usage (headers and body through the gateway)
 
+``--baseline REF`` adds ``aibrix@REF`` and ``epp@REF``: the same two paths with the gateway of an
+earlier commit (a git worktree), so a change to the request path is measured against the code before it
+in the same run.
+
 Open-loop load at fixed rates gives latency percentiles; ``wrk`` (closed loop,
 16 connections) gives the highest rate served without errors. CPU per request
 of Envoy and of the gateway comes from /proc. Writes bench/results/overhead.json
@@ -22,6 +27,7 @@ and docs/benchmarks/overhead.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +109,13 @@ def round_robin_envoy(listen_port: int, admin_port: int, engines: list[Engine]) 
 
 
 class Bench:
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, baseline: tuple[str, Path] | None = None) -> None:
         self.stack = stack
+        self.paths = list(PATHS)
         self.engines = [
             stack.start_engine(f"engine-{i}", MODEL, None, "--profile", "instant") for i in range(3)
         ]
-        endpoints = stack.write_endpoints(self.engines, MODEL)
+        endpoints = stack.write_endpoints(self.engines, MODEL, stack.workdir / "endpoints.yaml")
         self.urls: dict[str, list[str]] = {"direct": [f"{e.url}/v1/chat/completions" for e in self.engines]}
         self.pids: dict[str, list[int]] = {"direct": []}
         self.envoy_pid: dict[str, int] = {}
@@ -157,10 +165,33 @@ class Bench:
             port, _ = stack.start_envoy(contract, gateway.grpc, self.engines, name=f"envoy-{path}")
             self.envoy_pid[path] = self.stack.pid(f"envoy-{path}")
             self.urls[path] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
-        for path in PATHS[1:]:
+        if baseline is not None:
+            self._start_baseline(*baseline, endpoints)
+        for path in self.paths[1:]:
             self.pids[path] = [self.envoy_pid[path]] + (
                 [self.gateway_pid[path]] if path in self.gateway_pid else []
             )
+
+    def _start_baseline(self, ref: str, tree: Path, endpoints: Path) -> None:
+        """The aibrix and epp paths again, with the gateway of the checkout ``tree`` (commit ``ref``)."""
+        for contract in ("aibrix", "epp"):
+            path = f"{contract}@{ref}"
+            gateway = self.stack.start_gateway(
+                contract,
+                endpoints,
+                "--default-strategy",
+                "random",
+                name=f"gateway-{contract}-baseline",
+                log_level="warning",
+                env={"PYTHONPATH": str(tree)},  # its packages before the installed ones
+            )
+            self.gateway_pid[path] = self.stack.pid(f"gateway-{contract}-baseline")
+            port, _ = self.stack.start_envoy(
+                contract, gateway.grpc, self.engines, name=f"envoy-{contract}-baseline"
+            )
+            self.envoy_pid[path] = self.stack.pid(f"envoy-{contract}-baseline")
+            self.urls[path] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
+            self.paths.append(path)
 
     def _start_envoy(self, name: str, config: dict[str, Any], port: int) -> None:
         self.stack.start_envoy("aibrix", 0, self.engines, name=name, config=config)
@@ -208,6 +239,21 @@ class Bench:
         return row
 
 
+@contextlib.contextmanager
+def worktree(ref: str | None) -> Iterator[Path | None]:
+    """A temporary git worktree of ``ref`` (None: nothing), removed afterwards."""
+    if ref is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as parent:
+        tree = Path(parent) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
+
+
 def median_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
 
@@ -220,30 +266,32 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "overhead.json")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "benchmarks" / "overhead.md")
+    parser.add_argument("--baseline", help="also run the aibrix and epp gateways of this git commit")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     wrk = shutil.which("wrk")
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {p: {} for p in PATHS}
     with (
         Stack(Path(tempfile.mkdtemp(prefix="bench-overhead-"))) as stack,
         tempfile.TemporaryDirectory() as tmp,
+        worktree(args.baseline) as baseline,
     ):
-        bench = Bench(stack)
+        bench = Bench(stack, (args.baseline, baseline) if baseline else None)
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {p: {} for p in bench.paths}
         script = Path(tmp) / "post.lua"
         script.write_text(
             'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
             + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items())
             + f"wrk.body = {json.dumps(BODY.decode())}\n"
         )
-        for path in PATHS:  # warm up every path (connections, caches)
+        for path in bench.paths:  # warm up every path (connections, caches)
             bench.fixed_rate(path, 200, 2)
         for n in range(args.rounds):
-            for path in PATHS:
+            for path in bench.paths:
                 for rate in rates:
                     row = bench.fixed_rate(path, rate, args.duration)
                     runs[path].setdefault(f"rate_{rate:.0f}", []).append(row)
                     print(
-                        f"round {n + 1} {path:7s} {rate:5.0f}/s p50 {row['p50_ms']:.2f} ms "
+                        f"round {n + 1} {path:14s} {rate:5.0f}/s p50 {row['p50_ms']:.2f} ms "
                         f"p99 {row['p99_ms']:.2f} ms gw {row['gateway_cpu_us']:.0f} us "
                         f"envoy {row['envoy_cpu_us']:.0f} us errors {row['errors']}",
                         flush=True,
@@ -252,7 +300,7 @@ def main() -> None:
                     row = bench.closed_loop(path, args.max_seconds, script)
                     runs[path].setdefault("max", []).append(row)
                     print(
-                        f"round {n + 1} {path:7s} max {row['rps']:.0f} req/s errors {row['errors']} "
+                        f"round {n + 1} {path:14s} max {row['rps']:.0f} req/s errors {row['errors']} "
                         f"gw {row['gateway_cpu_us']:.0f} us envoy {row['envoy_cpu_us']:.0f} us",
                         flush=True,
                     )
@@ -293,7 +341,8 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
         "| Envoy CPU/req (us) | max req/s (wrk, 16 conns) |",
         "|---" * (5 + len(rates)) + "|",
     ]
-    for path in PATHS:
+    baselines = [p for p in med if "@" in p]
+    for path in [*PATHS, *baselines]:
         cells = [path]
         for rate in rates:
             row = med[path][f"rate_{rate:.0f}"]
@@ -305,7 +354,7 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
             else (f"{row['p50_ms'] - base['p50_ms']:+.2f} / {row['p99_ms'] - base['p99_ms']:+.2f}")
         )
         cells.append(added)
-        cells.append(f"{row['gateway_cpu_us']:.0f}" if path in GATEWAYS else "—")
+        cells.append(f"{row['gateway_cpu_us']:.0f}" if path in GATEWAYS or "@" in path else "—")
         cells.append(f"{row['envoy_cpu_us']:.0f}" if path != "direct" else "—")
         maximum = med[path].get("max")
         cells.append(f"{maximum['rps']:.0f} ({maximum['errors']:.0f} errors)" if maximum else "n/a (no wrk)")
@@ -334,6 +383,20 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
         "`limits` is one Redis round trip (RPM and TPM checked and counted by one Lua script), "
         "`accounting` adds the response headers and body passing through the gateway for their usage.",
     ]
+    for baseline in baselines:
+        now = baseline.partition("@")[0]
+        cpu_ratio = (
+            f"{kind.removeprefix('rate_')}/s "
+            f"{med[now][kind]['gateway_cpu_us'] / med[baseline][kind]['gateway_cpu_us']:.2f}x"
+            for kind in med[now]
+            if kind != "max"
+        )
+        rps_ratio = f", max req/s {med[now]['max']['rps'] / med[baseline]['max']['rps']:.2f}x"
+        lines += [
+            "",
+            f"{now} relative to {baseline} (this tree over the baseline): gateway CPU per request "
+            f"{', '.join(cpu_ratio)}{rps_ratio if 'max' in med[now] else ''}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -150,7 +150,7 @@ def start_fleet(stack: Stack, python: str, model_dir: Path, kv_blocks: int) -> t
     redis_port = stack.start_redis()
     for engine in engines:
         stack.start_sidecar(engine, redis_port)
-    endpoints = stack.write_endpoints(engines, MODEL)
+    endpoints = stack.write_endpoints(engines, MODEL, stack.workdir / "endpoints.yaml")
     gateway = stack.start_gateway("aibrix", endpoints, redis_port=redis_port, log_level="warning")
     port, _ = stack.start_envoy("aibrix", gateway.grpc, engines)
     return engines, f"http://127.0.0.1:{port}"

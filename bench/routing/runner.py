@@ -69,7 +69,7 @@ def brickyard_router(strategy: str, model: str) -> RouterStarter:
     """Envoy + the gateway (AIBrix contract) routing ``model`` with ``strategy`` by default."""
 
     def start(stack: Stack, engines: list[Engine]) -> tuple[str, list[int]]:
-        endpoints = stack.write_endpoints(engines, model)
+        endpoints = stack.write_endpoints(engines, model, stack.workdir / "endpoints.yaml")
         gateway = stack.start_gateway(
             "aibrix", endpoints, "--default-strategy", strategy, name="gateway", log_level="warning"
         )

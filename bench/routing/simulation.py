@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -91,9 +92,9 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-def strategies_with_models(clock: Callable[[], float]) -> dict[str, Strategy]:
-    """The gateway's strategies plus the peers' rule models, on the simulator's clock."""
-    strategies = build_strategies(clock=clock)
+def strategies_with_models(clock: Callable[[], float], rng: random.Random) -> dict[str, Strategy]:
+    """The gateway's strategies plus the peers' rule models, on the simulator's clock and random source."""
+    strategies = build_strategies(clock=clock, rng=rng)
     model = CacheAwareModel(clock)
     strategies[model.name] = model
     return strategies

@@ -22,6 +22,8 @@ FULL_DUPLEX = modes.ProcessingMode.FULL_DUPLEX_STREAMED
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 ProcessingRequest = pb.ProcessingRequest
+#: Request headers to set, and header names to remove.
+HeaderChanges = tuple[dict[str, str], list[str]]
 
 
 def header_mutation(
@@ -66,6 +68,14 @@ def reply(
     return pb.ProcessingResponse(
         **{kind: wrapper(response=common)}, dynamic_metadata=_struct(metadata), mode_override=mode
     ).SerializeToString()
+
+
+def request_headers_reply(changes: HeaderChanges, mode: modes.ProcessingMode | None = None) -> bytes:
+    """The reply to request headers that carry no decision: header changes and an optional mode override."""
+    add, remove = changes
+    if not add and not remove and mode is None:
+        return CONTINUE_REQUEST_HEADERS
+    return reply("request_headers", header_mutation(add, remove), mode=mode)
 
 
 def streamed_body(direction: str, body: bytes, end_of_stream: bool) -> Iterator[bytes]:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from gateway_plugins.discovery.registry import PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.select import rank
-from gateway_plugins.routing.strategies import Strategy, WeightedStrategy, canonical_name, parse_weighted
+from gateway_plugins.routing.strategies import (
+    FallbackScores,
+    Strategy,
+    WeightedStrategy,
+    canonical_name,
+    parse_weighted,
+)
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,8 @@ class Decision:
     strategy: str
     request: RoutingRequest
     strategy_object: Strategy
+    #: ``strategy`` as a metric label (``Router.label``): bounded, whatever the client sent.
+    label: str
 
 
 class Router:
@@ -36,6 +45,10 @@ class Router:
     ``model.aibrix.ai/config`` annotation (the ``config-profile`` header picks one) > the model's
     setting in the gateway config > the gateway's default. Any of them may name a single strategy,
     a preset, or a weighted combination.
+
+    The router counts what its committed decisions were made on (strategies only score): the decisions
+    a strategy's fallback rule made, and those made while a candidate's metrics were unknown.
+    ``rng`` breaks ties between equal scores (default: a new, unseeded one; the simulator seeds it).
     """
 
     def __init__(
@@ -45,9 +58,11 @@ class Router:
         *,
         default_strategy: str,
         model_strategies: Mapping[str, str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry
         self.strategies = dict(strategies)
+        self.rng = rng or random.Random()
         self._combinations: dict[str, Strategy] = {}
         #: A combination a client writes the way a preset is defined is that preset.
         self._presets = {
@@ -65,6 +80,9 @@ class Router:
         )
         #: Decisions by a metric-reading strategy while some candidate's metrics were unknown.
         self.decisions_with_unknown_metrics = 0
+        #: Decisions each strategy's explicit fallback rule made, by strategy label (an alias counts for
+        #: its strategy; a combination's part for the part): every strategy's count starts at 0.
+        self.fallback_decisions = dict.fromkeys((s.name for s in self.strategies.values()), 0)
 
     def lookup(self, name: str) -> Strategy:
         """A strategy, preset or weighted combination by name; ``ValueError`` if there is none."""
@@ -158,17 +176,25 @@ class Router:
         pods = self.candidates(request.model, subset)
         if strategy is None:
             strategy = self.strategy_for(request.model, profile, pods[0].model)
-        if strategy.uses_metrics and any(pod.metrics is None for pod in pods):
-            self.decisions_with_unknown_metrics += 1
-        order = rank(strategy.score(request, pods), 1 + fallbacks)
+        scores = strategy.score(request, pods)
+        order = rank(scores, self.rng, 1 + fallbacks)
         chosen = pods[order[0]]
         tokens = request.prompt_tokens
         strategy.on_routed(request, chosen)
-        # Nothing below can fail: only a request that is routed counts in flight (``release`` undoes it).
+        # Nothing below can fail: only a request that is routed counts, in flight (``release`` undoes it)
+        # and in the decision counters.
         chosen.inflight += 1
         chosen.routed_since_record += 1
         chosen.tokens_since_record += tokens
-        return Decision(chosen, [pods[i] for i in order[1:]], strategy.name, request, strategy)
+        if strategy.uses_metrics and any(pod.metrics is None for pod in pods):
+            self.decisions_with_unknown_metrics += 1
+        if isinstance(scores, FallbackScores):
+            for name in scores.strategies or (strategy.name,):
+                label = self.label(name)
+                self.fallback_decisions[label] = self.fallback_decisions.get(label, 0) + 1
+        return Decision(
+            chosen, [pods[i] for i in order[1:]], strategy.name, request, strategy, self.label(strategy.name)
+        )
 
     @staticmethod
     def release(decision: Decision) -> None:

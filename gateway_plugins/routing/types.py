@@ -126,8 +126,6 @@ class PodState:
     #: part of the pod's load its record cannot show yet, so metric strategies do not herd between records.
     routed_since_record: int = 0
     tokens_since_record: int = 0
-    #: Encoded ext_proc replies that only depend on this pod, keyed by the encoder.
-    encoded: dict[Any, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def load(self) -> int:

@@ -5,8 +5,8 @@ The ext_proc stream asks three things, each cheap when it does not apply:
 * ``identify`` at the request headers: the tenant, from the API key (``require_api_key``) or the
   ``user`` header; a dict lookup in the users mirror, no round trip.
 * ``limits`` once the body names the model, and ``admit``: one Redis round trip for all of them.
-* ``charge`` when the response finishes: its ``usage`` goes to the tenant's TPM window, in the
-  background.
+* ``record`` when the response finishes: its ``usage`` counted and charged to the tenant's TPM window,
+  in the background (``RequestAccounting`` in accounting.py carries one request through these steps).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
 
 from brickyard_core.credentials import parse_bearer
 from gateway_plugins.config import TenancySettings
@@ -43,7 +45,15 @@ class Tenant:
 
 
 class Tenancy:
-    def __init__(self, settings: TenancySettings, users: UserDirectory, limiter: RateLimiter) -> None:
+    """Users, limits and usage for the whole gateway; its token counters go in ``registry``."""
+
+    def __init__(
+        self,
+        settings: TenancySettings,
+        users: UserDirectory,
+        limiter: RateLimiter,
+        registry: CollectorRegistry,
+    ) -> None:
         self.settings = settings
         self.users = users
         self.limiter = limiter
@@ -57,6 +67,24 @@ class Tenancy:
         self._charges: set[asyncio.Task[None]] = set()
         #: Refusals by limit kind, for /metrics.
         self.rejections = {"rpm": 0, "tpm": 0, "rps": 0}
+        self.prompt_tokens = Counter(
+            "brickyard_prompt_tokens",
+            "Prompt tokens from the responses' usage, by model and user.",
+            ["model", "user"],
+            registry=registry,
+        )
+        self.completion_tokens = Counter(
+            "brickyard_completion_tokens",
+            "Completion tokens from the responses' usage, by model and user.",
+            ["model", "user"],
+            registry=registry,
+        )
+        self.unaccounted = Counter(
+            "brickyard_unaccounted_responses",
+            "Responses the gateway read for usage that ended without any (client gone, engine error).",
+            ["model"],
+            registry=registry,
+        )
 
     def identify(self, authorization: str | None, user_header: str | None) -> Tenant | None:
         """The tenant of a request; raises 401 when a key is required and missing or unknown."""
@@ -139,6 +167,15 @@ class Tenancy:
     def accounts(self, tenant: Tenant | None) -> bool:
         """Whether the tenant's responses are read for their usage."""
         return tenant is not None and self.account_usage
+
+    def record(self, tenant: Tenant | None, model: str, usage: Usage | None) -> None:
+        """An accounted response ended: count its tokens, and charge them to the tenant's TPM window."""
+        if usage is None or tenant is None:
+            self.unaccounted.labels(model).inc()
+            return
+        self.prompt_tokens.labels(model, tenant.name).inc(usage.prompt_tokens)
+        self.completion_tokens.labels(model, tenant.name).inc(usage.completion_tokens)
+        self.charge(tenant, usage)
 
     def charge(self, tenant: Tenant, usage: Usage) -> None:
         """Add a finished response's tokens to the tenant's TPM window, without holding up the stream."""

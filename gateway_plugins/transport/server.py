@@ -12,6 +12,12 @@ Scope: the server side of gRPC over cleartext HTTP/2 (h2c, prior knowledge),
 uncompressed messages, full flow control in both directions. Stream handlers
 are plain callbacks; a handler that needs I/O starts a task and calls
 ``GrpcStream.send`` when it is done.
+
+Errors follow RFC 9113: a stream error resets only its stream, a connection
+error sends GOAWAY and closes. Frames of closed streams are dropped after the
+minimal processing of section 5.1 (HPACK decoding, connection window), which
+needs no memory of closed streams. tests/unit/test_transport_h2.py checks these
+edge cases with h2 as the peer.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ class GrpcStatus(IntEnum):
 
 
 _OK_TRAILERS = hpack_literal(b"grpc-status", b"0")
+#: Trailers go out as one HEADERS frame, which must fit the smallest SETTINGS_MAX_FRAME_SIZE
+#: (16 KiB, RFC 9113 section 4.2) even if every character is percent-encoded UTF-8 (12 bytes).
+_MAX_STATUS_MESSAGE = 1024
 
 
 def _trailers(status: GrpcStatus, message: str) -> bytes:
@@ -76,7 +85,7 @@ def _trailers(status: GrpcStatus, message: str) -> bytes:
         return _OK_TRAILERS
     block = hpack_literal(b"grpc-status", str(int(status)).encode())
     if message:
-        block += hpack_literal(b"grpc-message", quote(message, safe=" ").encode())
+        block += hpack_literal(b"grpc-message", quote(message[:_MAX_STATUS_MESSAGE], safe=" ").encode())
     return block
 
 
@@ -172,17 +181,19 @@ class GrpcStream:
 
     def _receive(self, data: bytes, frame_length: int, end_stream: bool) -> None:
         conn = self._conn
+        self._recv_unacked += frame_length
+        if self._recv_unacked > STREAM_RECEIVE_WINDOW:  # RFC 9113 section 6.9.1
+            conn._reset(self, ErrorCode.FLOW_CONTROL_ERROR)
+            return
         if self._local_closed:  # we have answered; drop what the client still sends
             if end_stream:
                 self._remote_closed = True
                 if self._pending_trailers is None:
                     conn._remove(self)
             return
-        if not end_stream:
-            self._recv_unacked += frame_length
-            if self._recv_unacked >= STREAM_RECEIVE_WINDOW // 2:
-                conn._write(window_update(self.id, self._recv_unacked))
-                self._recv_unacked = 0
+        if not end_stream and self._recv_unacked >= STREAM_RECEIVE_WINDOW // 2:
+            conn._write(window_update(self.id, self._recv_unacked))
+            self._recv_unacked = 0
         buf = self._recv + data if self._recv else data
         pos, size = 0, len(buf)
         while size - pos >= 5:
@@ -349,20 +360,28 @@ class GrpcConnection(asyncio.Protocol):
         elif kind == FrameType.WINDOW_UPDATE:
             self._on_window_update(stream_id, payload)
         elif kind == FrameType.RST_STREAM:
-            stream = self._streams.pop(stream_id, None)
+            if len(payload) != 4:
+                raise ProtocolError("RST_STREAM length", ErrorCode.FRAME_SIZE_ERROR)
+            stream = self._stream(stream_id, "RST_STREAM")
             if stream is not None:
-                self._close_stream(stream)
+                self._remove(stream)
         elif kind == FrameType.SETTINGS:
             if stream_id:
                 raise ProtocolError("SETTINGS on a stream")
             if not flags & Flag.ACK:
                 self._on_settings(payload)
+            elif payload:
+                raise ProtocolError("SETTINGS ACK with a payload", ErrorCode.FRAME_SIZE_ERROR)
         elif kind == FrameType.PING:
+            if stream_id:
+                raise ProtocolError("PING on a stream")
             if len(payload) != 8:
                 raise ProtocolError("PING payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
             if not flags & Flag.ACK:
                 self._write(frame(FrameType.PING, Flag.ACK, 0, payload))
         elif kind == FrameType.GOAWAY:
+            if stream_id:
+                raise ProtocolError("GOAWAY on a stream")
             self._peer_goaway = True
             self._maybe_close_idle()
         elif kind == FrameType.CONTINUATION:
@@ -372,18 +391,19 @@ class GrpcConnection(asyncio.Protocol):
         # PRIORITY and unknown frame types are ignored, as RFC 9113 requires.
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id == 0:
-            raise ProtocolError("DATA on stream 0")
-        length = len(payload)
+        length = len(payload)  # padding included: it counts against flow control
+        if length > CONNECTION_RECEIVE_WINDOW - self._recv_unacked:  # RFC 9113 section 6.9.1
+            raise ProtocolError("DATA beyond the connection window", ErrorCode.FLOW_CONTROL_ERROR)
         self._recv_unacked += length
         if self._recv_unacked >= CONNECTION_RECEIVE_WINDOW // 2:
             self._write(window_update(0, self._recv_unacked))
             self._recv_unacked = 0
-        stream = self._streams.get(stream_id)
-        if stream is None or stream._remote_closed:
-            if stream_id > self._last_stream_id:
-                raise ProtocolError("DATA on an idle stream")
-            return  # a stream we already finished or reset: late data is dropped
+        stream = self._stream(stream_id, "DATA")
+        if stream is None:
+            return  # a closed stream: counted against the connection window above, then dropped
+        if stream._remote_closed:  # section 5.1, half-closed (remote)
+            self._reset(stream, ErrorCode.STREAM_CLOSED)
+            return
         if flags & Flag.PADDED:
             payload = _strip_padding(payload)
         stream._receive(payload, length, bool(flags & Flag.END_STREAM))
@@ -417,9 +437,12 @@ class GrpcConnection(asyncio.Protocol):
         end_stream = bool(flags & Flag.END_STREAM)
         stream = self._streams.get(stream_id)
         if stream is not None:  # request trailers: only legal as the end of the stream
-            if not end_stream:
+            if stream._remote_closed:  # section 5.1, half-closed (remote)
+                self._reset(stream, ErrorCode.STREAM_CLOSED)
+            elif not end_stream:
                 raise ProtocolError("trailers without END_STREAM")
-            stream._receive(b"", 0, True)
+            else:
+                stream._receive(b"", 0, True)
             return
         if stream_id <= self._last_stream_id:
             return  # trailers of a stream we already closed
@@ -450,6 +473,10 @@ class GrpcConnection(asyncio.Protocol):
                 self._peer_initial_window = value
                 for stream in self._streams.values():
                     stream._send_window += delta
+                    if stream._send_window > MAX_WINDOW:  # section 6.9.2
+                        raise ProtocolError("stream window overflow", ErrorCode.FLOW_CONTROL_ERROR)
+            elif key == Setting.ENABLE_PUSH and value > 1:
+                raise ProtocolError("invalid ENABLE_PUSH")
             elif key == Setting.MAX_FRAME_SIZE:
                 if not DEFAULT_MAX_FRAME <= value <= 2**24 - 1:
                     raise ProtocolError("invalid MAX_FRAME_SIZE")
@@ -469,10 +496,26 @@ class GrpcConnection(asyncio.Protocol):
                 raise ProtocolError("connection window overflow", ErrorCode.FLOW_CONTROL_ERROR)
             self._resume_blocked()
             return
+        stream = self._stream(stream_id, "WINDOW_UPDATE")
+        if stream is None:
+            return  # a late update for a closed stream is no error (section 6.9)
+        if increment == 0:  # section 6.9
+            self._reset(stream, ErrorCode.PROTOCOL_ERROR)
+            return
+        stream._send_window += increment
+        if stream._send_window > MAX_WINDOW:  # section 6.9.1
+            self._reset(stream, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        self._flush_stream(stream)
+
+    def _stream(self, stream_id: int, kind: str) -> GrpcStream | None:
+        """The open stream a frame is for, or None if it is closed: RFC 9113 section 5.1 lets us
+        drop frames of closed streams, but a frame on stream 0 or on an idle stream (one the client
+        has not opened) is a connection error."""
         stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream._send_window += increment
-            self._flush_stream(stream)
+        if stream is None and (stream_id % 2 == 0 or stream_id > self._last_stream_id):
+            raise ProtocolError(f"{kind} on stream {stream_id}, which the client has not opened")
+        return stream
 
     # -- sending ----------------------------------------------------------------------
 
@@ -524,6 +567,11 @@ class GrpcConnection(asyncio.Protocol):
         self._write(trailers)
         if stream._remote_closed:
             self._remove(stream)
+
+    def _reset(self, stream: GrpcStream, code: ErrorCode) -> None:
+        """A stream error (RFC 9113 section 5.4.2): one bad stream must not end the others."""
+        self._write(rst_stream(stream.id, code))
+        self._remove(stream)
 
     def _remove(self, stream: GrpcStream) -> None:
         if self._streams.pop(stream.id, None) is not None:

@@ -13,6 +13,7 @@ import pytest
 from brickyard_core import typed_config
 from controllers.app import ControllerApp
 from controllers.config import ControllerSettings
+from tests.support.crd_schema import known_crds
 from tests.support.kube_api import KubeApiServer
 
 NAMESPACE = "default"  # the sidecars publish their records as pods of this namespace
@@ -20,6 +21,7 @@ WRITES = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def crd(group: str, version: str, plural: str, kind: str, *, scale: dict[str, str] | None = None) -> dict:
+    """A schema-less CRD, for a kind a test makes up (a scale target no project of ours defines)."""
     subresources: dict[str, Any] = {"status": {}}
     if scale is not None:
         subresources["scale"] = scale
@@ -44,15 +46,23 @@ def crd(group: str, version: str, plural: str, kind: str, *, scale: dict[str, st
     }
 
 
-MODEL_ADAPTER_CRD = crd("brickyard.dev", "v1alpha1", "modeladapters", "ModelAdapter")
-POD_AUTOSCALER_CRD = crd("brickyard.dev", "v1alpha1", "podautoscalers", "PodAutoscaler")
-HTTP_ROUTE_CRD = crd("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+def without_schema(kube: KubeApiServer, manifest: dict) -> None:
+    """Serve a kind by ``manifest`` (a ``crd(...)``) in place of its real CRD, for objects the real schema
+    refuses that a test needs: specs only a controller's own checks catch, sub-second windows."""
+    kube.delete("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, manifest["metadata"]["name"])
+    kube.register_crd(manifest)
+
+
+#: The real CRDs of the kinds the controllers read and write (deploy/, tests/support/crds/), so the
+#: stand-in admits their objects as a cluster would: schemas, defaults, pruning, CEL rules.
+CRDS = known_crds()
+MODEL_ADAPTER_CRD = CRDS["modeladapters.brickyard.dev"]
 
 
 @pytest.fixture
 def kube() -> Iterator[KubeApiServer]:
     with KubeApiServer(bookmark_interval=0.2) as server:
-        for manifest in (MODEL_ADAPTER_CRD, POD_AUTOSCALER_CRD, HTTP_ROUTE_CRD):
+        for manifest in CRDS.values():
             server.register_crd(manifest)
         yield server
 

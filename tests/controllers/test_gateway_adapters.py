@@ -77,7 +77,7 @@ async def test_the_watcher_follows_model_adapter_status() -> None:
                 "apiVersion": MA[0],
                 "kind": "ModelAdapter",
                 "metadata": {"name": "sql", "namespace": NAMESPACE},
-                "spec": {"podSelector": {}, "artifactURL": "/x"},
+                "spec": {"podSelector": {"matchLabels": {"app": "vllm"}}, "artifactURL": "/x"},
                 "status": {"instances": ["b"]},
             }
         )

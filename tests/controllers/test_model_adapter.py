@@ -1,28 +1,46 @@
-"""ModelAdapter: placement, loading through real sidecars into emulated engines, status, retries, deletion."""
+"""ModelAdapter: placement, loading through real sidecars into emulated engines, status, retries, deletion,
+loads that take long."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import itertools
+import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from brickyard.stack import Engine, Stack
 from brickyard_core.credentials import redis_client
+from brickyard_core.kube.client import MODEL_ADAPTERS
+from brickyard_core.kube.objects import parse_time
 from brickyard_core.podmetrics import decode_record, pod_key
 from controllers.model_adapter import FINALIZER, SIDECAR_PORT_KEY
-from controllers.runtime import MODEL_ADAPTERS, parse_time
 from tests.conftest import MODEL, sidecar_auth
-from tests.controllers.conftest import NAMESPACE, StartControllers, events, pod, until, writes
+from tests.controllers.conftest import (
+    NAMESPACE,
+    StartControllers,
+    crd,
+    events,
+    pod,
+    until,
+    without_schema,
+    writes,
+)
 from tests.support.adapters import adapter
+from tests.support.http_server import serve_in_thread
 from tests.support.kube_api import KubeApiServer
 
 pytestmark = pytest.mark.slow
 
 SELECTOR = {"app": "ctl-engine"}
+SLOW_SELECTOR = {"app": "ctl-slow"}
 
 
 class Pods:
@@ -84,6 +102,77 @@ def artifacts(tmp_path: Path) -> Path:
     return tmp_path
 
 
+class SlowPod:
+    """A LoRA engine pod whose adapters come from an artifact store that answers only once the test opens
+    it: a load there takes as long as the test wants. Adapter names must be new to the session (the
+    sidecars keep what they fetched)."""
+
+    def __init__(self, engine: Engine, sidecar: int, root: Path) -> None:
+        self.engine = engine
+        self.sidecar = sidecar
+        self.root = root
+        self.port = 0
+        self.opened = threading.Event()
+        self.asked: set[str] = set()  # adapters the sidecar is fetching (its load of them under way)
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    def manifest(self) -> dict[str, Any]:
+        labels = {
+            **SLOW_SELECTOR,
+            "model.aibrix.ai/name": MODEL,
+            "model.aibrix.ai/port": str(self.engine.port),
+        }
+        return pod(self.name, labels, annotations={SIDECAR_PORT_KEY: str(self.sidecar)})
+
+    def model_adapter(self, name: str) -> dict[str, Any]:
+        """A ModelAdapter of one replica on this pod, its artifact in the store."""
+        url = f"http://127.0.0.1:{self.port}/{name}.tar.gz"
+        return model_adapter(name, url, podSelector={"matchLabels": SLOW_SELECTOR}, replicas=1)
+
+    def models(self) -> list[str]:
+        cards = httpx.get(f"{self.engine.url}/v1/models").json()["data"]
+        return sorted(card["id"] for card in cards if card.get("parent"))
+
+    async def archive(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.asked.add(name)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            tar.add(adapter(self.root, name), arcname=name)
+        await asyncio.to_thread(self.opened.wait, 60)
+        return web.Response(body=buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def slow_engine(stack: Stack, redis_port: int) -> tuple[Engine, int]:
+    engine = stack.start_engine(
+        "ctl-slow", MODEL, None, "--profile", "instant", "--enable-lora", "--max-loras", "2"
+    )
+    # The artifact store is on loopback: a private address this sidecar must be allowed to fetch from.
+    flags = ("--artifact-scheme", "http", "--allow-private-networks")
+    return engine, stack.start_sidecar(engine, redis_port, *flags, namespace=NAMESPACE)
+
+
+@pytest.fixture
+def slow(slow_engine: tuple[Engine, int], kube: KubeApiServer, tmp_path: Path) -> Iterator[SlowPod]:
+    """The slow pod in the stand-in; opened and emptied afterwards."""
+    slow = SlowPod(*slow_engine, tmp_path / "store")
+    app = web.Application()
+    app.router.add_get("/{name}.tar.gz", slow.archive)
+    with serve_in_thread(app) as slow.port:
+        kube.create(slow.manifest())
+        try:
+            yield slow
+        finally:
+            slow.opened.set()
+    url = f"http://127.0.0.1:{slow.sidecar}/v1/lora_adapter/unload"
+    for name in slow.models():
+        httpx.post(url, json={"lora_name": name}, headers=sidecar_auth(), timeout=30)
+
+
 def model_adapter(name: str, artifact: Path | str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "brickyard.dev/v1alpha1",
@@ -139,7 +228,9 @@ async def test_placed_on_the_least_loaded_pods_loaded_and_idempotent(
         assert kube.get("brickyard.dev/v1alpha1", "ModelAdapter", NAMESPACE, "sql")["metadata"][
             "finalizers"
         ] == [FINALIZER]
-        assert events(kube, "sql") == [("Normal", "Loaded"), ("Normal", "Loaded")]
+        # Each load's event is recorded once the reconcile after its end takes it in, maybe after the
+        # status (the engines' /v1/models) already says Running.
+        await until(lambda: events(kube, "sql") == [("Normal", "Loaded")] * 2, what="the events")
 
         # Level-triggered and idempotent: more reconciles (resyncs, a direct call) write nothing.
         reconciles = app.model_adapters.controller.stats.reconciles
@@ -272,7 +363,7 @@ async def test_a_concurrent_write_409_is_survived(
                 # Someone else writes the object between our read and our write: our resourceVersion is stale.
                 meta = obj["metadata"]
                 kube.patch_status(
-                    "brickyard.dev/v1alpha1", "ModelAdapter", NAMESPACE, meta["name"], {"phase": "Scribbled"}
+                    "brickyard.dev/v1alpha1", "ModelAdapter", NAMESPACE, meta["name"], {"phase": "Unknown"}
                 )
                 raced.append(meta["name"])
             return await original(resource, obj, subresource=subresource)
@@ -289,6 +380,8 @@ async def test_a_concurrent_write_409_is_survived(
 async def test_invalid_spec_is_failed_with_a_reason(
     kube: KubeApiServer, pods: Pods, redis_port: int, start_controllers: StartControllers
 ) -> None:
+    # A CRD that checks no spec (hand-written, or older than deploy/'s): the controller's own checks catch it.
+    without_schema(kube, crd("brickyard.dev", "v1alpha1", "modeladapters", "ModelAdapter"))
     async with start_controllers(redis_port) as app:
         bad = model_adapter("bad", "/x", schedulerName="first-fit")
         del bad["spec"]["podSelector"]
@@ -301,3 +394,74 @@ async def test_invalid_spec_is_failed_with_a_reason(
         reconciles = app.model_adapters.controller.stats.reconciles
         await until(lambda: app.model_adapters.controller.stats.reconciles >= reconciles + 2, what="resyncs")
         assert events(kube, "bad") == [("Warning", "InvalidSpec")]  # not repeated: the status did not change
+
+
+async def test_a_slow_load_is_loading_and_blocks_no_other_adapter(
+    kube: KubeApiServer,
+    pods: Pods,
+    slow: SlowPod,
+    artifacts: Path,
+    redis_port: int,
+    start_controllers: StartControllers,
+) -> None:
+    # One worker: a reconcile waiting for a load would hold up every other adapter.
+    async with start_controllers(redis_port, workers=1) as app:
+        kube.create(slow.model_adapter("slow-sql"))
+        await until(lambda: "slow-sql" in slow.asked, what="the sidecar fetching the artifact")
+        await until(lambda: status(kube, "slow-sql").get("phase") == "Loading", what="Loading")
+        ready = condition(kube, "slow-sql", "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "Loading")
+        assert slow.name in ready["message"]
+
+        kube.create(model_adapter("quick", adapter(artifacts, "quick"), replicas=1))
+        await until(lambda: status(kube, "quick").get("phase") == "Running", what="placed meanwhile")
+        assert status(kube, "slow-sql")["phase"] == "Loading"
+        assert app.model_adapters.loading(f"{NAMESPACE}/slow-sql") == {slow.name}
+        assert slow.models() == []
+
+        slow.opened.set()
+        await until(lambda: status(kube, "slow-sql").get("phase") == "Running", what="Running")
+        got = status(kube, "slow-sql")
+        assert (got["instances"], got["readyReplicas"], got["failedAttempts"]) == ([slow.name], 1, 0)
+        assert slow.models() == ["slow-sql"]
+        assert events(kube, "slow-sql") == [("Normal", "Loaded")]
+        assert not app.model_adapters.loading(f"{NAMESPACE}/slow-sql")
+
+
+async def test_deleting_an_adapter_mid_load_cancels_the_load(
+    kube: KubeApiServer, slow: SlowPod, redis_port: int, start_controllers: StartControllers
+) -> None:
+    key = f"{NAMESPACE}/slow-doomed"
+    async with start_controllers(redis_port) as app:
+        kube.create(slow.model_adapter("slow-doomed"))
+        await until(lambda: "slow-doomed" in slow.asked, what="the sidecar fetching the artifact")
+        assert app.model_adapters.loading(key) == {slow.name}
+        kube.delete("brickyard.dev/v1alpha1", "ModelAdapter", NAMESPACE, "slow-doomed")
+        await until(lambda: not app.model_adapters.loading(key), what="the load cancelled")
+        assert slow.models() == []  # the store has not answered: the load cannot have ended otherwise
+
+        # The sidecar finishes what it started; the finalizer's unload waits for it, then the object goes.
+        slow.opened.set()
+        await until(
+            lambda: kube.get("brickyard.dev/v1alpha1", "ModelAdapter", NAMESPACE, "slow-doomed") is None,
+            what="gone",
+        )
+        assert slow.models() == []
+        assert "Loaded" not in [reason for _, reason in events(kube, "slow-doomed")]
+
+
+async def test_a_controller_restarted_mid_load_converges(
+    kube: KubeApiServer, slow: SlowPod, redis_port: int, start_controllers: StartControllers
+) -> None:
+    key = f"{NAMESPACE}/slow-restart"
+    async with start_controllers(redis_port):
+        kube.create(slow.model_adapter("slow-restart"))
+        await until(lambda: "slow-restart" in slow.asked, what="the sidecar fetching the artifact")
+        await until(lambda: status(kube, "slow-restart").get("phase") == "Loading", what="Loading")
+    # Stopped mid-load (the sidecar goes on): the next controller knows only the status and the engines.
+    async with start_controllers(redis_port) as app:
+        await until(lambda: app.model_adapters.loading(key) == {slow.name}, what="loading again")
+        slow.opened.set()  # the sidecar ends the first load, then answers the second: already there
+        await until(lambda: status(kube, "slow-restart").get("phase") == "Running", what="Running")
+        assert status(kube, "slow-restart")["instances"] == [slow.name]
+        assert slow.models() == ["slow-restart"]

@@ -10,7 +10,7 @@ import yaml
 
 from brickyard.stack import Stack
 from controllers.model_routes import route_name
-from tests.controllers.conftest import NAMESPACE, StartControllers, until, writes
+from tests.controllers.conftest import NAMESPACE, StartControllers, events, until, writes
 from tests.support.kube_api import KubeApiServer
 
 ROUTE = ("gateway.networking.k8s.io/v1", "HTTPRoute", NAMESPACE)
@@ -82,6 +82,8 @@ async def test_routes_follow_labelled_deployments(
             what="both",
         )
         assert len(kube.get(*ROUTE, "llama-router")["metadata"]["ownerReferences"]) == 2
+        # The event follows the route's update: not a write of the converged state.
+        await until(lambda: ("Normal", "RouteUpdated") in events(kube, "llama-a10"), what="the event")
 
         # Converged: resyncs write nothing.
         before = len(kube.requests)
@@ -117,14 +119,14 @@ async def test_a_route_we_do_not_own_is_left_alone(
         "metadata": {"name": "mistral-router", "namespace": NAMESPACE},
         "spec": {"parentRefs": [{"name": "other"}]},
     }
-    kube.create(theirs)
+    stored = kube.create(theirs)  # with the CRD's defaults
     async with start_controllers(None, controllers=["model-routes"]):
         kube.create(deployment("mistral", {"model.aibrix.ai/name": "mistral"}))
         await until(
             lambda: any(e["reason"] == "RouteConflict" for e in kube.list("v1", "Event", NAMESPACE)),
             what="conflict event",
         )
-        assert kube.get(*ROUTE, "mistral-router")["spec"] == {"parentRefs": [{"name": "other"}]}
+        assert kube.get(*ROUTE, "mistral-router")["spec"] == stored["spec"]
 
 
 async def test_the_cli_process_runs_the_controllers(

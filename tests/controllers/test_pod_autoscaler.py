@@ -15,12 +15,24 @@ from aiohttp import web
 
 from brickyard.stack import free_port
 from brickyard_core.credentials import redis_client
-from brickyard_core.podmetrics import PodMetrics, encode_record, pod_key
+from brickyard_core.podmetrics import PodMetrics, encode_record, pod_key, read_records
 from controllers.pod_autoscaler import STATE_ANNOTATION
-from tests.controllers.conftest import NAMESPACE, StartControllers, crd, events, pod, until, writes
+from tests.controllers.conftest import (
+    NAMESPACE,
+    StartControllers,
+    crd,
+    events,
+    pod,
+    until,
+    without_schema,
+    writes,
+)
 from tests.support.kube_api import KubeApiServer
 
 PA = ("brickyard.dev/v1alpha1", "PodAutoscaler", NAMESPACE)
+#: PodAutoscalers the real CRD refuses: sub-second windows, scale targets beyond the ClusterRole's kinds,
+#: specs only the controller's own checks catch.
+UNCHECKED_PODAUTOSCALERS = crd("brickyard.dev", "v1alpha1", "podautoscalers", "PodAutoscaler")
 
 
 def deployment(name: str, replicas: int = 1) -> dict[str, Any]:
@@ -88,9 +100,37 @@ async def records(redis_port: int, values: dict[str, int]) -> AsyncIterator[dict
         await client.aclose()
 
 
+async def test_records_are_read_by_the_shared_reader_rules(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reader of the autoscaler, the ModelAdapter controller and the gateway: one MGET; a missing key, a
+    malformed record (logged) and, given a max age, an older record are left out."""
+    client = redis_client(f"redis://127.0.0.1:{redis_port}/0")
+    now = time.time()
+    stored = {
+        "reader-fresh": encode_record(NAMESPACE, "reader-fresh", PodMetrics(timestamp=now, waiting=3)),
+        "reader-old": encode_record(NAMESPACE, "reader-old", PodMetrics(timestamp=now - 5, waiting=4)),
+        "reader-broken": b'{"namespace": "default"}',
+    }
+    keys = [pod_key(NAMESPACE, name) for name in (*stored, "reader-missing")]
+    try:
+        for name, data in stored.items():
+            await client.set(pod_key(NAMESPACE, name), data, px=10_000)
+        fresh = await read_records(client, keys, max_age=2.0)
+        assert [(pod, record.waiting) for _, pod, record in fresh] == [("reader-fresh", 3)]
+        every = await read_records(client, keys)
+        assert [(pod, record.waiting) for _, pod, record in every] == [("reader-fresh", 3), ("reader-old", 4)]
+        assert "malformed pod-metrics record" in caplog.text
+        assert await read_records(client, []) == []
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
+
+
 async def test_kpa_scales_up_on_queues_and_never_down_in_panic(
     kube: KubeApiServer, redis_port: int, start_controllers: StartControllers
 ) -> None:
+    without_schema(kube, UNCHECKED_PODAUTOSCALERS)
     kube.create(deployment("kpa"))
     kube.create(pod("kpa-0", {"app": "kpa"}))
     source = {"metricSourceType": "redis", "targetMetric": "waiting", "targetValue": "2"}
@@ -170,6 +210,7 @@ async def test_apa_scales_a_custom_resource_through_its_scale_subresource_on_pod
     start_controllers: StartControllers,
     metrics_endpoint: tuple[int, dict[str, float]],
 ) -> None:
+    without_schema(kube, UNCHECKED_PODAUTOSCALERS)
     kube.register_crd(
         crd(
             "example.dev",
@@ -322,6 +363,7 @@ async def test_hpa_mode_keeps_a_native_hpa(
 async def test_invalid_spec(
     kube: KubeApiServer, redis_port: int, start_controllers: StartControllers
 ) -> None:
+    without_schema(kube, UNCHECKED_PODAUTOSCALERS)
     async with start_controllers(redis_port, controllers=["pod-autoscaler"]):
         source = {"metricSourceType": "resource", "targetMetric": "cpu", "targetValue": "70"}
         kube.create(

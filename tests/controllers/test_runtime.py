@@ -8,27 +8,25 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
-from controllers.config import ControllerSettings
-from controllers.runtime import (
+from brickyard_core.kube.client import (
     DEPLOYMENTS,
     MODEL_ADAPTERS,
     POD_AUTOSCALERS,
     PODS,
     ApiError,
-    Controller,
-    EventRecorder,
-    Informer,
     KubeClient,
     Resource,
-    Result,
-    WorkQueue,
-    selector_matches,
-    selector_string,
-    set_condition,
 )
+from brickyard_core.kube.informer import Informer
+from brickyard_core.kube.objects import selector_matches, selector_string
+from controllers.config import ControllerSettings
+from controllers.runtime.conditions import set_condition
+from controllers.runtime.controller import Controller, Result
+from controllers.runtime.events import EventRecorder
+from controllers.runtime.workqueue import WorkQueue
 from tests.controllers.conftest import NAMESPACE, crd, pod, until
+from tests.support.crd_schema import DEPLOY_CRDS, load_crds
 from tests.support.kube_api import KubeApiServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,9 +103,9 @@ async def test_controller_requeues_conflicts_and_errors_with_backoff() -> None:
 
 
 async def test_informer_relists_after_410_and_reports_what_changed() -> None:
-    with KubeApiServer(bookmark_interval=10) as kube:  # no bookmarks: renewals start from an old version
+    with KubeApiServer() as kube:
         client = KubeClient(kube.api_client())
-        informer = Informer(client, PODS, namespace=NAMESPACE, watch_timeout_seconds=1)
+        informer = Informer(client, PODS, namespace=NAMESPACE)  # its watch stays open: only a 410 ends it
         changes: list[tuple[str | None, str | None]] = []
         informer.add_handler(
             lambda old, new: changes.append(
@@ -122,17 +120,29 @@ async def test_informer_relists_after_410_and_reports_what_changed() -> None:
             assert sorted(informer.cache) == [f"{NAMESPACE}/gone", f"{NAMESPACE}/keep"]
             assert informer.get(f"{NAMESPACE}/keep")["kind"] == "Pod"  # list items get their kind back
             listed = len(changes)
-            kube.compact()
-            kube.delete("v1", "Pod", NAMESPACE, "gone")
-            kube.create(pod("new", {}))
-            kube.compact()  # whatever the open watch missed, the re-list after 410 must find
+            kube.compact()  # the watch has sent all it had: it goes on
+            kube.create(pod("live", {}))
+            await until(lambda: f"{NAMESPACE}/live" in informer.cache, what="the watch still open")
+            lists = pod_lists(kube)
+            with kube.hold_watches():  # the watch falls behind, then a compaction ends it (410 Expired)
+                kube.delete("v1", "Pod", NAMESPACE, "gone")  # two changes lost with the watch:
+                kube.create(pod("new", {}))  # only a re-list can find them
+                kube.compact()
             await until(
-                lambda: sorted(informer.cache) == [f"{NAMESPACE}/keep", f"{NAMESPACE}/new"], 10, "relist"
+                lambda: sorted(informer.cache) == [f"{NAMESPACE}/{p}" for p in ("keep", "live", "new")],
+                what="the re-list",
             )
+            assert pod_lists(kube) == lists + 1
             assert ("gone", None) in changes[listed:] and (None, "new") in changes[listed:]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def pod_lists(kube: KubeApiServer) -> int:
+    """How many times the pods of the namespace were listed (not watched)."""
+    path = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    return sum(1 for r in kube.requests if r.method == "GET" and r.path == path and "watch" not in r.query)
 
 
 async def test_client_discovers_plurals_and_records_events() -> None:
@@ -224,16 +234,12 @@ def test_every_setting_is_documented() -> None:
 def test_deploy_crds_match_what_the_controllers_write(resource: Resource, written: set[str]) -> None:
     """The CRDs in deploy/ serve what the controllers address, and keep every status field they write
     (the API server prunes fields a structural schema does not name)."""
-    manifests = [
-        yaml.safe_load(p.read_text()) for p in sorted((REPO / "deploy" / "base" / "crds").glob("*.yaml"))
-    ]
     found = [
         m
-        for m in manifests
-        if m and m["spec"]["group"] == resource.group and m["spec"]["names"]["plural"] == resource.plural
+        for m in load_crds(DEPLOY_CRDS)
+        if m["spec"]["group"] == resource.group and m["spec"]["names"]["plural"] == resource.plural
     ]
-    if not found:
-        pytest.skip(f"no CRD for {resource.plural}.{resource.group} in deploy/")
+    assert found, f"no CRD for {resource.plural}.{resource.group} in deploy/base/crds"
     spec = found[0]["spec"]
     assert spec["names"]["kind"] == resource.kind and spec["scope"] == "Namespaced"
     version = next(v for v in spec["versions"] if v["name"] == resource.version)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from brickyard import cli
+from brickyard_core.kube.client import ApiError, KubeClient, Obj, Resource
 from controllers import secrets
-from controllers.runtime import ApiError, KubeClient, Obj, Resource
 from controllers.secrets import Outcome, ensure
 from tests.support.kube_api import KubeApiServer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -121,39 +122,58 @@ async def test_terminating_pods_stop_receiving_traffic(
     assert registry.knows_model("llama")
 
 
+def pod_lists(kube: KubeApiServer) -> int:
+    """How many times the pods of ``llm`` were listed (not watched)."""
+    path = "/api/v1/namespaces/llm/pods"
+    return sum(1 for r in kube.requests if r.method == "GET" and r.path == path and "watch" not in r.query)
+
+
 async def test_relists_after_the_watch_history_expires(
     kube: KubeApiServer, discovery: tuple[PodRegistry, KubernetesDiscovery]
 ) -> None:
     registry, _ = discovery
     kube.create(pod("a", ip="10.1.0.1"))
     await until(lambda: addresses(registry) == ["10.1.0.1:8000"])
-    kube.compact()
-    # Changes the current watch may or may not see; after 410 Gone the re-list must show all of them.
-    kube.create(pod("c", ip="10.1.0.3"))
-    kube.compact()
-    kube.delete("v1", "Pod", "llm", "a")
-    await until(lambda: addresses(registry) == ["10.1.0.3:8000"])
+    lists = pod_lists(kube)
+    with kube.hold_watches():  # the watch falls behind, then a compaction ends it with 410 Expired:
+        kube.create(pod("c", ip="10.1.0.3"))  # these changes are lost with it,
+        kube.delete("v1", "Pod", "llm", "a")
+        kube.compact()
+    await until(lambda: addresses(registry) == ["10.1.0.3:8000"])  # so only a re-list can show them
+    assert pod_lists(kube) == lists + 1
     before = len(kube.requests)
     await asyncio.sleep(2.5)  # the watch times out (2 s) and is renewed from the last resourceVersion
     assert any("watch" in r.query for r in kube.requests[before:])
-    assert addresses(registry) == ["10.1.0.3:8000"]
+    assert pod_lists(kube) == lists + 1 and addresses(registry) == ["10.1.0.3:8000"]
 
 
-async def test_api_server_outage_is_survived(tmp_path: Path) -> None:
-    registry = PodRegistry()
-    with KubeApiServer() as first:
-        first.create(pod("a"))
-        watcher = KubernetesDiscovery(
-            registry, namespace="llm", watch_timeout_seconds=2, api_client=first.api_client()
-        )
-        task = asyncio.create_task(watcher.run())
-        await asyncio.wait_for(watcher.synced.wait(), 5)
-        assert addresses(registry) == ["10.1.0.1:8000"]
-    await asyncio.sleep(0.5)  # the API server is gone: routing keeps the last known pods
-    assert addresses(registry) == ["10.1.0.1:8000"]
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def test_api_server_outage_is_survived(
+    kube: KubeApiServer, discovery: tuple[PodRegistry, KubernetesDiscovery], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server goes away: routing keeps the last known pods while the watch retries, backing off;
+    the server comes back on its address and what changed meanwhile arrives."""
+    registry, _ = discovery
+
+    def retries() -> list[float]:
+        return [r.created for r in caplog.records if "retrying in" in r.getMessage()]
+
+    kube.create(pod("a"))
+    await until(lambda: addresses(registry) == ["10.1.0.1:8000"])
+    caplog.set_level(logging.WARNING)
+    kube.stop()
+    kube.create(pod("b", ip="10.1.0.2"))  # written to the store behind the stopped server
+    kube.delete("v1", "Pod", "llm", "a")
+    await until(lambda: len(retries()) >= 3, timeout=15)
+    assert addresses(registry) == ["10.1.0.1:8000"]  # the last known pods, not an empty registry
+    first, second, third = retries()[:3]
+    assert third - second > 1.5 * (second - first)  # exponential backoff, not a tight loop
+    kube.start()  # same port: the client's address
+    await until(lambda: addresses(registry) == ["10.1.0.2:8000"], timeout=40)  # what changed meanwhile
+    # Watching again: a change after the recovery arrives without another list.
+    lists = pod_lists(kube)
+    kube.patch_status("v1", "Pod", "llm", "b", {"conditions": [{"type": "Ready", "status": "False"}]})
+    await until(lambda: addresses(registry) == [])
+    assert pod_lists(kube) == lists
 
 
 def test_gateway_routes_to_pods_it_discovers_through_kubernetes(

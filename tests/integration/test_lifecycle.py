@@ -80,12 +80,13 @@ def test_brickyard_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         text=True,
         env=env,
     )
+    stdout = process.stdout
+    assert stdout is not None  # here, not in the reader thread, where a failure would fail no test
     lines: list[str] = []
     ready = threading.Event()
 
     def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
+        for line in stdout:
             lines.append(line)
             if "Brickyard is ready" in line:
                 ready.set()

@@ -2,7 +2,9 @@
 
 Live mode runs the engines at a quarter of real time so that the HTTP path (client, Envoy, gateway,
 the engines' own HTTP layer), which the simulator does not model, weighs a quarter as much in virtual
-time; docs/simulator.md reports the real-time figures too.
+time. The tests compare what the engines measure (TTFT, TPOT, cache hits, in virtual time) and the
+throughput; the client-side TTFT, which adds the HTTP path and so the machine's load, is a benchmark
+figure (``python -m bench.routing --live``, docs/emulator.md), not a test.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ def test_no_sharing_agrees_on_ttft_and_throughput() -> None:
     simulated, live, _ = both_modes("no-sharing")
     assert live["engine_ttft_mean_ms"] == pytest.approx(simulated["ttft_mean_ms"], rel=0.05)
     assert live["tpot_p50_ms"] == pytest.approx(simulated["tpot_p50_ms"], rel=0.05)
-    assert live["ttft_p50_ms"] == pytest.approx(simulated["ttft_p50_ms"], rel=0.15)  # HTTP path included
     assert live["throughput_rps"] == pytest.approx(simulated["throughput_rps"], rel=0.15)
 
 

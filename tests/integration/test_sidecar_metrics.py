@@ -136,7 +136,10 @@ def test_redis_restart_mid_traffic_fails_no_request(tmp_path: Path) -> None:
         for engine in engines:
             stack.start_sidecar(engine, redis_port)
         gateway = stack.start_gateway(
-            "aibrix", stack.write_endpoints(engines, MODEL), redis_port=redis_port, name="gateway-redis"
+            "aibrix",
+            stack.write_endpoints(engines, MODEL, stack.workdir / "endpoints.yaml"),
+            redis_port=redis_port,
+            name="gateway-redis",
         )
         port, _ = stack.start_envoy("aibrix", gateway.grpc, engines)
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)

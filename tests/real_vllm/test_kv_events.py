@@ -8,11 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-import pytest
-
-pytest.importorskip("zmq", reason="pyzmq is not installed: the project must depend on it for KV events")
-pytest.importorskip("msgpack", reason="msgpack is not installed: the project must depend on it for KV events")
-
 from gateway_plugins.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, KVEventSubscriber
 from tests.real_vllm.conftest import MODEL, RealFleet, post
 from tests.real_vllm.test_routing import text

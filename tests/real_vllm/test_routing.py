@@ -106,7 +106,13 @@ def test_a_metric_strategy_routes_on_real_records_without_fallbacks(
     try:
         loaded = eventually(lambda: (m := record(fleet, busy.name)).running == 1 and m.kv_usage > 0 and m, 10)
         assert loaded, record(fleet, busy.name)
-        served = [complete(aibrix, text(3 + i, 10), "least-kv-cache").headers["target-pod"] for i in range(5)]
+        served = []
+        for i in range(5):
+            # The idle replica's record must postdate its last request: one scraped while that request held
+            # a block reads as busy as the busy replica (whose KV cache is nearly as empty: 8,192 blocks).
+            done = time.time()
+            assert eventually(lambda done=done: aibrix_age(aibrix, idle.name) < time.time() - done)
+            served.append(complete(aibrix, text(3 + i, 10), "least-kv-cache").headers["target-pod"])
         still_running = stream.is_alive() and "data: [DONE]" not in lines
     finally:
         stop.set()

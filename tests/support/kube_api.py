@@ -9,9 +9,11 @@ Point the official ``kubernetes`` client at it::
 
 It serves the real URL shapes, Status error bodies, resourceVersion/generation bookkeeping,
 optimistic concurrency, status and scale subresources, finalizer-aware deletion, the three
-patch flavours and streaming watches (history replay, 410 Gone after ``compact()``,
-bookmarks, selector-driven ADDED/DELETED transitions), because those are what controllers
-and watchers depend on. Nothing here runs controllers: no garbage collector, no
+patch flavours, custom resources admitted through their CRD's structural schema (pruning,
+defaulting, validation, CEL rules: tests/support/crd_schema.py) and streaming watches (history
+replay, bookmarks, selector-driven ADDED/DELETED transitions, 410 Gone after ``compact()``, for
+new watches and for open ones that still owe events from before it), because those are what
+controllers and watchers depend on. Nothing here runs controllers: no garbage collector, no
 deployment/replicaset controller, no kubelet, no namespace controller.
 
 Sections: 1. errors; 2. resource types; 3. selectors; 4. patching; 5. store (objects,
@@ -21,7 +23,7 @@ Deliberate simplifications (see the section comments for the details):
   * lists and continue tokens always read the current state (no snapshot at an old revision);
   * server-side apply (``application/apply-patch+yaml``) and ``dryRun`` are not supported;
   * strategic merge patch knows the merge keys of the common list fields only;
-  * validation covers what the client needs to deserialize responses, not the full schemas;
+  * built-in kinds are validated for what clients need to deserialize them, not their full schemas;
   * deleting a namespace deletes its contents at once instead of going through Terminating;
   * DELETE ignores gracePeriodSeconds and propagationPolicy: pods go at once (no kubelet) and
     ownerReferences are not followed (no garbage collector).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import collections
 import contextlib
 import copy
 import json
@@ -41,12 +44,14 @@ import re
 import string
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from tests.support.crd_schema import SchemaError, StructuralSchema
 
 __all__ = [
     "FieldSelector",
@@ -145,6 +150,7 @@ class ResourceType:
     allow_unconditional_update: bool = True  # PUT without metadata.resourceVersion allowed
     # Field selector labels beyond metadata.name/namespace, mapped to the JSON path they read.
     field_labels: Mapping[str, str] = field(default_factory=dict)
+    schema: StructuralSchema | None = None  # a custom resource's, from its CRD's storage version
 
     @property
     def key(self) -> tuple[str, str]:
@@ -181,6 +187,7 @@ class ResourceType:
 
     def invalid(self, name: str, causes: list[tuple[str, str]]) -> KubeApiError:
         text = ", ".join(f"{path}: {msg}" for path, msg in causes)
+        text = f"[{text}]" if len(causes) > 1 else text  # an aggregate, as Go prints it
         return KubeApiError(
             422,
             "Invalid",
@@ -253,14 +260,22 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
 
 
 def resource_type_from_crd(crd: Obj) -> ResourceType:
-    """The resource a CRD manifest declares. Subresources and selectable fields are read from
-    the storage version (the real server allows them to differ per version; we do not)."""
+    """The resource a CRD manifest declares. Subresources, selectable fields and the schema are read
+    from the storage version (the real server allows them to differ per version; we do not)."""
     spec = crd.get("spec") or {}
     names = spec.get("names") or {}
     versions = spec.get("versions") or []
-    storage = next((v for v in versions if v.get("storage")), versions[0] if versions else {})
+    index, storage = next(((i, v) for i, v in enumerate(versions) if v.get("storage")), (0, versions[0]))
     subresources = storage.get("subresources") or {}
     scale = subresources.get("scale")
+    schema = (storage.get("schema") or {}).get("openAPIV3Schema")
+    try:
+        structural = StructuralSchema(schema) if schema is not None else None
+    except SchemaError as err:
+        at = f"spec.versions[{index}].schema.openAPIV3Schema"
+        raise CRDS.invalid(
+            crd["metadata"]["name"], [(f"{at}.{e.field}", e.body) for e in err.errors]
+        ) from None
     return ResourceType(
         group=spec["group"],
         versions=tuple(v["name"] for v in versions if v.get("served", True)),
@@ -285,6 +300,7 @@ def resource_type_from_crd(crd: Obj) -> ResourceType:
             for f in storage.get("selectableFields") or ()
             if f.get("jsonPath")
         },
+        schema=structural,
     )
 
 
@@ -783,6 +799,11 @@ def _apply_patch(rt: ResourceType, name: str, doc: Obj, patch_type: str, patch: 
 # new dict), so history entries and list results can share them. Watchers live on the HTTP
 # loop; writers (any thread) hand them changes with call_soon_threadsafe while holding the
 # lock, which keeps every watcher's queue in resourceVersion order.
+#
+# Compaction works like etcd's: a watch that still owes its client events from before the
+# compaction point (handed to it, not yet written) ends with 410 Expired and those events are
+# lost, so the client must re-list; a watch that is caught up goes on. ``hold_watches()`` keeps
+# changes from being written, as for a client that falls behind, so tests can make that happen.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -803,12 +824,20 @@ class _BookmarkMark:
 
 
 class _Watcher:
-    """A watch stream's inbox: changes of one resource type, bookmark marks, None = close."""
+    """A watch stream's inbox: changes of one resource type, bookmark marks, None = close (with
+    ``expired``'s Status when a compaction ended it).
+
+    ``owed``: resourceVersions of the changes handed over and not yet written, history replay
+    first; ``held``: what ``Store.hold_watches()`` keeps back. Both are guarded by the store lock.
+    """
 
     def __init__(self, key: tuple[str, str], loop: asyncio.AbstractEventLoop) -> None:
         self.key = key
         self.loop = loop
         self.queue: asyncio.Queue[_Change | _BookmarkMark | None] = asyncio.Queue()
+        self.owed: collections.deque[int] = collections.deque()
+        self.held: list[_Change | _BookmarkMark] = []
+        self.expired: Obj | None = None
 
     def push(self, item: _Change | _BookmarkMark | None) -> None:
         with contextlib.suppress(RuntimeError):  # loop closed: the stream is gone anyway
@@ -844,6 +873,7 @@ class Store:
         self._types: dict[tuple[str, str], ResourceType] = {}
         self._objects: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {}
         self._watchers: set[_Watcher] = set()
+        self._holding = False
         self._next_cluster_ip = 1
         for rt in BUILTIN_TYPES:
             self._add_type(rt)
@@ -932,14 +962,22 @@ class Store:
             self._objects[rt.key][key] = obj
         change = _Change(self._rv, rt.key, kind, obj, prev)
         self._history.append(change)
+        for watcher in self._watchers:
+            if watcher.key == rt.key:
+                watcher.owed.append(change.rv)
+                self._hand(watcher, change)
         if self._history_limit is not None and len(self._history) > self._history_limit:
             dropped = self._history[: len(self._history) - self._history_limit]
             del self._history[: len(dropped)]
-            self._compacted_rv = dropped[-1].rv
-        for watcher in self._watchers:
-            if watcher.key == rt.key:
-                watcher.push(change)
+            self._compact_to(dropped[-1].rv)
         return obj
+
+    def _hand(self, watcher: _Watcher, item: _Change | _BookmarkMark) -> None:
+        """Queue ``item`` for the watch stream, or keep it back while watches are held."""
+        if self._holding:
+            watcher.held.append(item)
+        else:
+            watcher.push(item)
 
     def _check_type_meta(self, rt: ResourceType, obj: Obj) -> None:
         api_version, kind = obj.get("apiVersion"), obj.get("kind")
@@ -1030,9 +1068,12 @@ class Store:
             spec.setdefault("internalTrafficPolicy", "Cluster")
         obj.setdefault("status", {"loadBalancer": {}})
 
-    def _validate(self, rt: ResourceType, obj: Obj) -> ResourceType | None:
-        """Raise 422 for invalid objects; for a CRD return the resource type it declares."""
+    def _admit(self, rt: ResourceType, obj: Obj, old: Obj | None) -> ResourceType | None:
+        """Raise 422 for invalid objects; for a CRD return the resource type it declares. A custom
+        resource is first pruned and defaulted in place by its schema (``old``: the stored object)."""
         errors = _validation_errors(rt, obj)
+        if rt.schema is not None:
+            errors += [(e.field, e.body) for e in rt.schema.admit(obj, old).errors]
         if errors:
             raise rt.invalid(obj["metadata"].get("name", ""), errors)
         if rt is not CRDS:
@@ -1098,7 +1139,7 @@ class Store:
             if rt.status_subresource and not privileged:
                 obj.pop("status", None)  # PrepareForCreate resets status
             self._defaults(rt, obj, None)
-            declared = self._validate(rt, obj)
+            declared = self._admit(rt, obj, None)
             committed = self._commit(rt, "ADDED", obj, None)
             if declared is not None:
                 self._add_type(declared)
@@ -1189,7 +1230,7 @@ class Store:
                         )
             new["metadata"]["resourceVersion"] = cur_meta["resourceVersion"]
             self._defaults(rt, new, cur)
-            declared = self._validate(rt, new)
+            declared = self._admit(rt, new, cur)
             if self._generation_changes(rt, cur, new):
                 new["metadata"]["generation"] = cur_meta.get("generation", 0) + 1
             if new == cur:  # no-op updates write nothing: same resourceVersion, no watch event
@@ -1330,6 +1371,7 @@ class Store:
                 )
             new = copy.deepcopy(cur)
             _set_path(new, rt.scale.spec_replicas_path, replicas)
+            self._admit(rt, new, cur)  # the replicas land in the object: its schema applies
             if new != cur:
                 if self._generation_changes(rt, cur, new):
                     new["metadata"]["generation"] = cur["metadata"].get("generation", 0) + 1
@@ -1349,11 +1391,40 @@ class Store:
     # ---- history and watches ----
 
     def compact(self) -> int:
-        """Forget the change history: watches from an older resourceVersion now get 410 Gone."""
+        """Forget the change history: watches from an older resourceVersion now get 410 Gone, and
+        open watches that still owe events from before now end with it."""
         with self._lock:
             self._history.clear()
-            self._compacted_rv = self._rv
+            self._compact_to(self._rv)
             return self._rv
+
+    def _compact_to(self, rv: int) -> None:
+        self._compacted_rv = rv
+        for watcher in [w for w in self._watchers if w.owed and w.owed[0] <= rv]:
+            self._watchers.discard(watcher)
+            watcher.owed.clear()
+            watcher.held.clear()
+            watcher.expired = KubeApiError(
+                410, "Expired", "The resourceVersion for the provided watch is too old."
+            ).status()
+            watcher.push(None)
+
+    @contextlib.contextmanager
+    def hold_watches(self) -> Iterator[None]:
+        """Keep changes (and bookmarks, and the first events of watches opened meanwhile) from reaching
+        the watch streams until the block ends, as for clients that fell behind; a compaction inside
+        the block ends the watches that owe changes with 410."""
+        with self._lock:
+            self._holding = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holding = False
+                for watcher in self._watchers:
+                    for item in watcher.held:
+                        watcher.push(item)
+                    watcher.held.clear()
 
     def open_watch(
         self, rt: ResourceType, since: int | None, loop: asyncio.AbstractEventLoop
@@ -1377,13 +1448,24 @@ class Store:
                 start = bisect.bisect_right([c.rv for c in self._history], since)
                 first = [c for c in self._history[start:] if c.key == rt.key]
             watcher = _Watcher(rt.key, loop)
+            if since is not None:
+                watcher.owed.extend(c.rv for c in first)
+            if self._holding:  # a watch opened meanwhile falls behind from the start
+                watcher.held.extend(first)
+                first = []
             self._watchers.add(watcher)
             return first, watcher, self._rv
+
+    def written(self, watcher: _Watcher, rv: int) -> None:
+        """The stream is writing (or filtering out) the change at ``rv``: it owes it no more."""
+        with self._lock:
+            while watcher.owed and watcher.owed[0] <= rv:
+                watcher.owed.popleft()
 
     def request_bookmark(self, watcher: _Watcher) -> None:
         """Queue a bookmark behind every change already handed to the watcher."""
         with self._lock:
-            watcher.push(_BookmarkMark(self._rv))
+            self._hand(watcher, _BookmarkMark(self._rv))
 
     def close_watch(self, watcher: _Watcher) -> None:
         with self._lock:
@@ -1393,6 +1475,7 @@ class Store:
         with self._lock:
             for watcher in self._watchers:
                 watcher.push(None)
+            self._watchers.clear()
 
 
 def _watch_event(change: _Change, flt: _Filter) -> tuple[str, Obj] | None:
@@ -1718,15 +1801,21 @@ class _HttpApi:
                 await response.write_eof()
             return response
 
+        async def send_change(change: _Change) -> None:
+            self.store.written(watcher, change.rv)  # the write below reaches the transport before any await
+            if event := _watch_event(change, flt):
+                await send(event[0], _served(rt, version, event[1]))
+
         deadline = loop.time() + timeout if timeout is not None else None
         next_bookmark = loop.time() + self.bookmark_interval
         try:
             for change in first:
-                if event := _watch_event(change, flt):
-                    await send(event[0], _served(rt, version, event[1]))
-            if _truthy(send_initial) and bookmarks:
+                if watcher.expired is not None:
+                    break
+                await send_change(change)
+            if _truthy(send_initial) and bookmarks and watcher.expired is None:
                 await send("BOOKMARK", bookmark(start_rv, {"k8s.io/initial-events-end": "true"}))
-            while True:
+            while watcher.expired is None:
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     break
@@ -1744,12 +1833,14 @@ class _HttpApi:
                     item = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.0))
                 except TimeoutError:
                     continue
-                if item is None:
+                if item is None or watcher.expired is not None:
                     break
                 if isinstance(item, _BookmarkMark):
                     await send("BOOKMARK", bookmark(item.rv))
-                elif event := _watch_event(item, flt):
-                    await send(event[0], _served(rt, version, event[1]))
+                else:
+                    await send_change(item)
+            if watcher.expired is not None:  # a compaction ended it: what it still owed is lost
+                await send("ERROR", watcher.expired)
         except ConnectionError:
             pass
         finally:
@@ -1884,7 +1975,9 @@ class KubeApiServer:
         return self._base_url
 
     def start(self) -> str:
-        """Start serving (idempotent); returns the base URL, e.g. ``http://127.0.0.1:38123``."""
+        """Start serving (idempotent); returns the base URL, e.g. ``http://127.0.0.1:38123``. After
+        ``stop()`` it serves again on the same port with the same objects and history, as an API
+        server restarting in front of etcd: clients reconnect to the address they know."""
         if self._thread is not None:
             return self.base_url
         loop = asyncio.new_event_loop()
@@ -1926,11 +2019,13 @@ class KubeApiServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
         host, port = self._runner.addresses[0][:2]
+        self._port = port  # a restart binds the same one
         self._base_url = f"http://{host}:{port}"
         self._http.address = f"{host}:{port}"
 
     def stop(self) -> None:
-        """End all watch streams, close the listener and the thread (idempotent)."""
+        """End all watch streams, close the listener and the thread (idempotent); the store stays,
+        for ``start()`` to serve again."""
         if self._thread is None or self._loop is None:
             return
         self.store.close_all_watches()
@@ -2072,8 +2167,15 @@ class KubeApiServer:
 
     def compact(self) -> str:
         """Drop the change history (like etcd compaction): watches and continue tokens from an
-        older resourceVersion get 410 Gone. Returns the compaction resourceVersion."""
+        older resourceVersion get 410 Gone, and so do open watches that still owe events from
+        before it (see ``hold_watches``). Returns the compaction resourceVersion."""
         return str(self.store.compact())
+
+    def hold_watches(self) -> contextlib.AbstractContextManager[None]:
+        """``with server.hold_watches():`` changes made in the block reach the open watches when it
+        ends, as if their clients had fallen behind; a ``compact()`` in the block ends those watches
+        with 410 Expired instead, and their clients must re-list to learn the changes."""
+        return self.store.hold_watches()
 
     def iter_types(self) -> Iterable[ResourceType]:
         """The resource types currently served."""

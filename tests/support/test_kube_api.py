@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from .crd_schema import known_crds
 from .kube_api import KubeApiError, KubeApiServer, LabelSelector, json_merge_patch, strategic_merge_patch
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +183,27 @@ def test_start_stop_and_context_manager() -> None:
         _ = srv.base_url
     # the state outlives the HTTP server
     assert srv.get("v1", "Namespace", None, "kube-system") is not None
+
+
+def test_restart_serves_the_same_store_on_the_same_port(server: KubeApiServer) -> None:
+    url = server.base_url
+    with server.api_client() as api_client:
+        core = client.CoreV1Api(api_client)
+        start = core.create_namespaced_pod("default", pod("before")).metadata.resource_version
+        server.stop()
+        with pytest.raises(urllib3.exceptions.MaxRetryError, match="Connection refused"):
+            core.list_namespaced_pod("default", _request_timeout=2)
+        server.create(pod("meanwhile"))  # etcd goes on; only the API server is down
+        assert server.start() == url
+        assert [p.metadata.name for p in core.list_namespaced_pod("default").items] == ["before", "meanwhile"]
+        # the history survives too: a client resuming its watch misses nothing
+        resumed = until_named(
+            watch.Watch().stream(
+                core.list_namespaced_pod, "default", resource_version=start, timeout_seconds=5
+            ),
+            "meanwhile",
+        )
+        assert [(e["type"], e["object"].metadata.name) for e in resumed] == [("ADDED", "meanwhile")]
 
 
 def test_version_and_discovery(api: client.ApiClient) -> None:
@@ -813,6 +836,237 @@ def test_custom_resource_without_status_subresource_bumps_generation_on_status(
 
 
 # ---------------------------------------------------------------------------------------------
+# custom resources against their CRD's schema (the real CRDs: deploy/base/crds, support/crds)
+# ---------------------------------------------------------------------------------------------
+
+MA = ("brickyard.dev", "v1alpha1", "default", "modeladapters")
+PA = ("brickyard.dev", "v1alpha1", "default", "podautoscalers")
+
+
+@pytest.fixture
+def real_crds(server: KubeApiServer) -> None:
+    for crd in known_crds().values():
+        server.register_crd(crd)
+
+
+def model_adapter(name: str = "sql", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "brickyard.dev/v1alpha1",
+        "kind": "ModelAdapter",
+        "metadata": {"name": name, "labels": {"team": "a"}},
+        "spec": {"podSelector": {"matchLabels": {"model": "llama"}}, "artifactURL": "/adapters/sql", **spec},
+    }
+
+
+def pod_autoscaler(name: str = "llama", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "brickyard.dev/v1alpha1",
+        "kind": "PodAutoscaler",
+        "metadata": {"name": name},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "maxReplicas": 4,
+            "scalingStrategy": "KPA",
+            "metricsSources": [{"metricSourceType": "redis", "targetMetric": "waiting", "targetValue": "4"}],
+            **spec,
+        },
+    }
+
+
+def causes(body: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(c["field"], c["message"]) for c in body["details"]["causes"]]
+
+
+@pytest.mark.usefixtures("real_crds")
+def test_a_custom_resource_without_a_required_field_is_invalid(
+    custom: client.CustomObjectsApi, server: KubeApiServer
+) -> None:
+    adapter = model_adapter()
+    del adapter["spec"]["podSelector"]
+    body = expect_status(lambda: custom.create_namespaced_custom_object(*MA, adapter), 422, "Invalid")
+    assert body["message"].startswith(
+        'ModelAdapter.brickyard.dev "sql" is invalid: spec.podSelector: Required value'
+    )
+    assert [field for field, _ in causes(body)] == ["spec.podSelector"]
+    assert body["details"]["kind"] == "ModelAdapter" and body["details"]["group"] == "brickyard.dev"
+    assert server.get("brickyard.dev/v1alpha1", "ModelAdapter", "default", "sql") is None
+    with pytest.raises(KubeApiError) as info:  # the Python API admits objects the same way
+        server.create(adapter)
+    assert info.value.code == 422
+
+
+@pytest.mark.usefixtures("real_crds")
+def test_unknown_fields_are_pruned_and_defaults_filled(
+    custom: client.CustomObjectsApi, server: KubeApiServer
+) -> None:
+    created = custom.create_namespaced_custom_object(*MA, model_adapter(baseModels="llama"))
+    assert "baseModels" not in created["spec"]  # a misspelling is dropped, not stored
+    assert created["spec"]["schedulerName"] == "least-adapters"  # default: in the CRD
+    assert created["metadata"]["labels"] == {"team": "a"}  # metadata is the server's, never pruned
+    # A patch that only adds an unknown field changes nothing: not even the resourceVersion.
+    patched = custom.patch_namespaced_custom_object(*MA, "sql", {"spec": {"replicaCount": 2}})
+    assert patched == created
+    # Defaults apply on updates too, and nested ones inside defaulted objects (the HTTPRoute's rules).
+    without = {**created, "spec": {k: v for k, v in created["spec"].items() if k != "schedulerName"}}
+    assert custom.replace_namespaced_custom_object(*MA, "sql", without) == created
+    route = server.create(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "r"},
+            "spec": {"parentRefs": [{"name": "gw"}]},
+        }
+    )
+    assert route["spec"] == {
+        "parentRefs": [{"name": "gw", "group": "gateway.networking.k8s.io", "kind": "Gateway"}],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}],
+    }
+
+
+@pytest.mark.usefixtures("real_crds")
+def test_cel_rules_and_types_are_enforced_on_every_write(custom: client.CustomObjectsApi) -> None:
+    body = expect_status(
+        lambda: custom.create_namespaced_custom_object(*PA, pod_autoscaler(minReplicas=5)), 422, "Invalid"
+    )
+    assert causes(body) == [
+        ("spec.minReplicas", 'Invalid value: "object": minReplicas must not exceed maxReplicas')
+    ]
+    created = custom.create_namespaced_custom_object(*PA, pod_autoscaler())
+    assert created["spec"]["minReplicas"] == 1  # defaulted, and within the rule
+    body = expect_status(
+        lambda: custom.patch_namespaced_custom_object(*PA, "llama", {"spec": {"maxReplicas": 0}}),
+        422,
+        "Invalid",
+    )
+    assert causes(body)[0][0] == "spec.maxReplicas" and "less than the minimum of 1" in causes(body)[0][1]
+    # A value of the wrong type is refused by the schema; the rules only see well-typed objects.
+    body = expect_status(
+        lambda: custom.patch_namespaced_custom_object(*PA, "llama", {"spec": {"maxReplicas": "4"}}),
+        422,
+        "Invalid",
+    )
+    assert causes(body) == [("spec.maxReplicas", "Invalid value: \"string\": '4' is not of type 'integer'")]
+    assert custom.get_namespaced_custom_object(*PA, "llama") == created
+
+
+@pytest.mark.usefixtures("real_crds")
+def test_status_writes_are_validated_against_the_status_schema(
+    custom: client.CustomObjectsApi, server: KubeApiServer
+) -> None:
+    custom.create_namespaced_custom_object(*MA, model_adapter())
+    body = expect_status(
+        lambda: custom.patch_namespaced_custom_object_status(*MA, "sql", {"status": {"phase": "Exploded"}}),
+        422,
+        "Invalid",
+    )
+    assert [field for field, _ in causes(body)] == ["status.phase"]
+    assert causes(body)[0][1].startswith('Unsupported value: "Exploded"')
+    condition = {
+        "type": "Ready",
+        "status": "True",
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+        "reason": "Loaded",
+        "message": "",
+    }
+    body = expect_status(
+        lambda: custom.patch_namespaced_custom_object_status(
+            *MA, "sql", {"status": {"conditions": [condition, {**condition, "status": "False"}]}}
+        ),
+        422,
+        "Invalid",
+    )
+    assert causes(body)[0][0] == "status.conditions[1]" and causes(body)[0][1].startswith("Duplicate value")
+    with pytest.raises(KubeApiError) as info:  # what a test playing a controller writes is checked too
+        server.patch_status("brickyard.dev/v1alpha1", "ModelAdapter", "default", "sql", {"readyReplicas": -1})
+    assert info.value.code == 422 and "status.readyReplicas" in info.value.message
+    written = custom.patch_namespaced_custom_object_status(
+        *MA, "sql", {"status": {"phase": "Running", "instances": ["p"], "loadedOn": ["p"]}}
+    )
+    assert written["status"] == {"phase": "Running", "instances": ["p"]}  # the unknown field is pruned
+
+
+def test_transition_rules_compare_with_the_stored_object(
+    server: KubeApiServer, custom: client.CustomObjectsApi
+) -> None:
+    manifest = crd_manifest(plural="pools", kind="Pool")
+    manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"] = {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "properties": {
+                    "tier": {
+                        "type": "string",
+                        "x-kubernetes-validations": [
+                            {"rule": "self == oldSelf", "message": "tier is immutable"}
+                        ],
+                    },
+                    "size": {"type": "integer"},
+                },
+            }
+        },
+    }
+    server.register_crd(manifest)
+    args = ("brickyard.dev", "v1alpha1", "default", "pools")
+    custom.create_namespaced_custom_object(*args, {"metadata": {"name": "p"}, "spec": {"tier": "gpu"}})
+    assert custom.patch_namespaced_custom_object(*args, "p", {"spec": {"size": 2}})["spec"]["size"] == 2
+    body = expect_status(
+        lambda: custom.patch_namespaced_custom_object(*args, "p", {"spec": {"tier": "cpu"}}), 422, "Invalid"
+    )
+    assert causes(body) == [("spec.tier", 'Invalid value: "string": tier is immutable')]
+
+
+def test_updates_keep_values_stored_under_looser_rules(
+    server: KubeApiServer, custom: client.CustomObjectsApi
+) -> None:
+    """Ratcheting: an object created before its CRD got stricter can still be written, as long as
+    the write leaves the values the new rules refuse as they were."""
+    manifest = crd_manifest(plural="pools", kind="Pool", subresources={"status": {}})
+    server.register_crd(manifest)
+    args = ("brickyard.dev", "v1alpha1", "default", "pools")
+    custom.create_namespaced_custom_object(*args, {"metadata": {"name": "p"}, "spec": {"size": 100}})
+    manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"] = {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["tier"],
+                "properties": {"size": {"type": "integer", "maximum": 10}, "tier": {"type": "string"}},
+            },
+            "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+        },
+    }
+    server.patch("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "pools.brickyard.dev", manifest)
+    ready = custom.patch_namespaced_custom_object_status(*args, "p", {"status": {"ready": True}})
+    assert ready["status"] == {"ready": True} and ready["spec"] == {"size": 100}
+    body = expect_status(
+        lambda: custom.patch_namespaced_custom_object(*args, "p", {"spec": {"size": 50}}), 422, "Invalid"
+    )
+    # a changed spec is checked again: the new size, and the tier it lacks
+    assert [field for field, _ in causes(body)] == ["spec.tier", "spec.size"]
+    assert custom.patch_namespaced_custom_object(*args, "p", {"spec": {"size": 5, "tier": "gpu"}})[
+        "spec"
+    ] == {
+        "size": 5,
+        "tier": "gpu",
+    }
+
+
+def test_a_crd_whose_rule_does_not_compile_is_refused(api: client.ApiClient) -> None:
+    manifest = crd_manifest()
+    manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"] = {
+        "type": "object",
+        "properties": {"spec": {"type": "object", "x-kubernetes-validations": [{"rule": "self.size >"}]}},
+    }
+    body = expect_status(
+        lambda: client.ApiextensionsV1Api(api).create_custom_resource_definition(manifest), 422, "Invalid"
+    )
+    assert [field for field, _ in causes(body)] == [
+        "spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # selectors
 # ---------------------------------------------------------------------------------------------
 
@@ -1005,6 +1259,44 @@ def test_watch_after_compaction_is_gone(core: client.CoreV1Api, server: KubeApiS
         "p2",
     )
     assert [(e["type"], e["object"].metadata.name) for e in events] == [("ADDED", "p2")]
+
+
+async def test_compaction_ends_open_watches_that_owe_events(server: KubeApiServer) -> None:
+    """Like etcd: a caught-up watch survives a compaction; one that has not yet sent a change from
+    before it ends with 410 Expired, and that change is lost with it (the client must re-list)."""
+    url = f"{server.base_url}/api/v1/namespaces/default/pods"
+    params = {"watch": "true", "resourceVersion": server.resource_version, "timeoutSeconds": "30"}
+
+    async def next_event(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+        line = await asyncio.wait_for(resp.content.readline(), timeout=5)
+        return {"type": None} if not line else json.loads(line)
+
+    async with aiohttp.ClientSession() as session, session.get(url, params=params) as resp:
+        server.create(pod("p0"))
+        assert (await next_event(resp))["object"]["metadata"]["name"] == "p0"  # open and caught up
+        server.compact()
+        server.create(pod("p1"))
+        assert (await next_event(resp))["object"]["metadata"]["name"] == "p1"  # survived
+        with server.hold_watches():
+            server.create(pod("p2"))
+            with pytest.raises(TimeoutError):  # held back, as for a client that fell behind
+                await asyncio.wait_for(resp.content.readline(), timeout=0.3)
+        assert (await next_event(resp))["object"]["metadata"]["name"] == "p2"  # sent when released
+        with server.hold_watches():
+            server.create(pod("p3"))
+            server.compact()
+        event = await next_event(resp)
+        assert event["type"] == "ERROR"
+        assert event["object"] == {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "The resourceVersion for the provided watch is too old.",
+            "reason": "Expired",
+            "code": 410,
+        }
+        assert (await next_event(resp))["type"] is None  # the stream ends; p3 never came
 
 
 def test_history_limit_expires_old_resource_versions() -> None:

@@ -32,19 +32,42 @@ def modules(package: str) -> Iterator[Path]:
             yield path
 
 
-def imported_packages(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, top-level package of ours) for every import in the file."""
+def imports(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, dotted name) for every absolute import in the file; ``from a import b`` gives ``a`` and
+    ``a.b`` (``b`` may be a module)."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            yield from ((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        for name in names:
-            top = name.partition(".")[0]
-            if top in OURS:
-                yield node.lineno, top
+            yield node.lineno, node.module
+            yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+
+
+def imported_packages(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, top-level package of ours) for every import in the file."""
+    for line, name in imports(path):
+        top = name.partition(".")[0]
+        if top in OURS:
+            yield line, top
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports."""
+    names = {}
+    for package in ALLOWED:
+        for path in modules(package):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        graph[name] = set()
+        for _, dotted in imports(path):
+            module = dotted
+            while module and module not in names:
+                module = module.rpartition(".")[0]
+            if module and module != name:
+                graph[name].add(module)
+    return graph
 
 
 def test_every_package_is_placed() -> None:
@@ -80,3 +103,23 @@ def test_the_layers_have_no_cycle() -> None:
 
     for package in ALLOWED:
         visit(package, ())
+
+
+def test_no_module_imports_back_up() -> None:
+    """No import cycle between modules either: a request's path, like the packages, runs one way."""
+    graph = module_graph()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        if state.get(module) == "visiting":
+            cycle = path[path.index(module) :]
+            pytest.fail(f"import cycle: {' -> '.join((*cycle, module))}")
+        if state.get(module) == "done":
+            return
+        state[module] = "visiting"
+        for imported in sorted(graph[module]):
+            visit(imported, (*path, module))
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, ())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gateway_plugins.config import GatewaySettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.extproc.messages import STREAMED_CHUNK_BYTES
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
+from gateway_plugins.extproc.stream import ExtProcStream
 from gateway_plugins.metrics import RequestMetrics
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.strategies import Stateless, Strategy, build_strategies
@@ -71,7 +73,7 @@ async def _harness(
     )
     metrics = CollectorRegistry()
     service = ExtProcService(config, registry, router, RequestMetrics(metrics), engine_api_key=engine_api_key)
-    server = GrpcServer({PROCESS_METHOD: service})
+    server = GrpcServer({PROCESS_METHOD: functools.partial(ExtProcStream, service)})
     port = await server.start("127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Harness(registry, pb_grpc.ExternalProcessorStub(channel), server, metrics)

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
-pytest.importorskip("msgpack", reason="msgpack is not installed: the project must depend on it for KV events")
-pytest.importorskip("zmq", reason="pyzmq is not installed: the project must depend on it for KV events")
-
 import msgpack
+import pytest
 
 from gateway_plugins.kv_events import (
     AllBlocksCleared,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from brickyard_core.podmetrics import PodMetrics
@@ -9,7 +11,7 @@ from gateway_plugins.config import LoadGuardSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.select import rank
-from gateway_plugins.routing.strategies import build_strategies
+from gateway_plugins.routing.strategies import FallbackScores, build_strategies
 from gateway_plugins.routing.strategies.affinity import LoraAffinityStrategy
 from gateway_plugins.routing.strategies.base import least_load_scores
 from gateway_plugins.routing.types import PodState, RoutingRequest
@@ -39,7 +41,7 @@ def strategy(**guard: float) -> LoraAffinityStrategy:
 
 
 def order(strategy: LoraAffinityStrategy, pods: list[PodState], request: RoutingRequest = SQL) -> list[str]:
-    return [pods[i].name for i in rank(strategy.score(request, pods), len(pods))]
+    return [pods[i].name for i in rank(strategy.score(request, pods), random.Random(0), len(pods))]
 
 
 def test_tiers_running_then_queued_then_free_slot_then_the_rest() -> None:
@@ -66,7 +68,7 @@ def test_a_slot_is_taken_by_any_adapter_running_or_queued() -> None:
 def test_a_burst_follows_its_first_request_until_the_next_record() -> None:
     lora = strategy()
     pods = [pod("p0", load=1), pod("p1", load=1)]
-    first = pods[rank(lora.score(SQL, pods))[0]]
+    first = pods[rank(lora.score(SQL, pods), random.Random(0))[0]]
     lora.on_routed(SQL, first)
     first.inflight += 1
     # The other pod is now less loaded and has a free slot too; the one sent "sql" is as good as queued.
@@ -95,8 +97,9 @@ def test_base_model_requests_are_least_request() -> None:
     lora = strategy()
     pods = [pod("p0", load=2, running="sql"), pod("p1", load=1)]
     pods[1].metrics = None
-    assert list(lora.score(RoutingRequest(BASE), pods)) == least_load_scores(pods)
-    assert lora.fallbacks == 0
+    scores = lora.score(RoutingRequest(BASE), pods)
+    assert scores == least_load_scores(pods)
+    assert not isinstance(scores, FallbackScores)
     pods = [pod("p0", load=1, max_loras=1), pod("p1", running="a", max_loras=1)]
     lora.on_routed(RoutingRequest(BASE), pods[0])
     assert order(lora, pods, RoutingRequest("x"))[0] == "p0"  # the base model took no adapter slot
@@ -112,7 +115,7 @@ def test_unknown_records_score_the_mean_and_all_unknown_fall_back_to_least_reque
     for state in pods:
         state.metrics = None
     assert order(lora, pods)[0] == "full"  # least in flight
-    assert lora.fallbacks == 1
+    assert isinstance(lora.score(SQL, pods), FallbackScores)
 
 
 def test_routes_adapters_through_the_registry_and_router() -> None:

@@ -1,6 +1,7 @@
 """The approximate prefix index and the two strategies that read it."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings, PrefixCacheSettings
 from gateway_plugins.routing.select import rank
+from gateway_plugins.routing.strategies import FallbackScores
 from gateway_plugins.routing.strategies.prefix import (
     PrefixCacheAndLoadStrategy,
     PrefixCacheStrategy,
@@ -161,7 +163,7 @@ def strategy(index: PrefixIndex, **guard: float) -> PrefixCacheStrategy:
 def route(
     s: PrefixCacheStrategy | PrefixCacheAndLoadStrategy, request: RoutingRequest, p: list[PodState]
 ) -> str:
-    chosen = p[rank(s.score(request, p))[0]]
+    chosen = p[rank(s.score(request, p), random.Random(0))[0]]
     s.on_routed(request, chosen)
     return chosen.name
 
@@ -226,8 +228,9 @@ def test_explore_prices_queued_prefill_against_uncached_tokens(index: PrefixInde
     # p0 now queues one request of 1,000 uncached tokens: more than the 256 tokens its cache saves.
     p[0].apply_metrics(PodMetrics(timestamp=2.0, ttft_mean=0.1, prompt_tokens_mean=1000.0, waiting=1))
     p[1].apply_metrics(p[1].metrics)
-    assert route(s, text_request(words(1, 16) + words(2, 48)), p) == "p1"
-    assert s.fallbacks == 0
+    request = text_request(words(1, 16) + words(2, 48))
+    assert not isinstance(s.score(request, p), FallbackScores)
+    assert route(s, request, p) == "p1"
 
 
 def test_cost_model_without_records_counts_tokens_and_the_fallback(index: PrefixIndex) -> None:
@@ -235,5 +238,6 @@ def test_cost_model_without_records_counts_tokens_and_the_fallback(index: Prefix
     s = PrefixCacheAndLoadStrategy(index, PrefixCacheSettings(), LoadGuardSettings())
     prompt = words(1, 64)
     index.record(index.block_hashes(text_request(prompt)), p[1])
-    assert route(s, text_request(prompt + "q"), p) == "p1"
-    assert s.fallbacks == 1
+    request = text_request(prompt + "q")
+    assert isinstance(s.score(request, p), FallbackScores)  # exploiting a match, still priced in tokens
+    assert route(s, request, p) == "p1"

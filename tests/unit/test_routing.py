@@ -1,13 +1,20 @@
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
+from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.select import rank
-from gateway_plugins.routing.strategies import LeastRequestStrategy, RandomStrategy, build_strategies
+from gateway_plugins.routing.strategies import (
+    FallbackScores,
+    LeastRequestStrategy,
+    RandomStrategy,
+    build_strategies,
+)
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 
@@ -22,28 +29,59 @@ def router(n: int = 3, **kwargs: object) -> Router:
 
 
 def test_rank_breaks_ties_at_random() -> None:
-    random.seed(1)
-    picks = Counter(rank([1.0, 3.0, 3.0, 0.0])[0] for _ in range(400))
+    rng = random.Random(1)
+    picks = Counter(rank([1.0, 3.0, 3.0, 0.0], rng)[0] for _ in range(400))
     assert set(picks) == {1, 2}
     assert min(picks.values()) > 150
 
 
 def test_rank_orders_best_first() -> None:
-    assert rank([0.1, 0.9, 0.5], 3) == [1, 2, 0]
-    assert rank([0.1, 0.9, 0.5], 2) == [1, 2]
+    rng = random.Random(1)
+    assert rank([0.1, 0.9, 0.5], rng, 3) == [1, 2, 0]
+    assert rank([0.1, 0.9, 0.5], rng, 2) == [1, 2]
+    assert rank((0.1, 0.9, 0.5), rng) == [1]
 
 
 def test_least_request_prefers_fewest_inflight() -> None:
     states = [PodState("a", "1:1", "m", inflight=3), PodState("b", "1:2", "m", inflight=1)]
     scores = LeastRequestStrategy().score(RoutingRequest("m"), states)
-    assert rank(scores) == [1]
+    assert rank(scores, random.Random(1)) == [1]
 
 
 def test_random_covers_all_pods() -> None:
     states = [PodState(f"p{i}", f"1:{i}", "m") for i in range(4)]
-    strategy = RandomStrategy()
-    seen = {rank(strategy.score(RoutingRequest("m"), states))[0] for _ in range(200)}
+    rng = random.Random(1)
+    strategy = RandomStrategy(rng)
+    seen = {rank(strategy.score(RoutingRequest("m"), states), rng)[0] for _ in range(200)}
     assert seen == {0, 1, 2, 3}
+
+
+def test_no_strategy_and_no_tie_break_draws_from_the_global_random_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every draw comes from the injected generator: one seed gives one sequence of decisions."""
+
+    def forbidden(*_: object) -> None:
+        raise AssertionError("drew from the global random module")
+
+    for name in ("random", "choice", "sample", "shuffle", "randrange", "getrandbits"):
+        monkeypatch.setattr(random, name, forbidden)
+    registry = PodRegistry()
+    registry.replace_all(pods(4))
+
+    def run(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        r = Router(registry, build_strategies(rng=rng), default_strategy="least-request", rng=rng)
+        names = []
+        for strategy in ("random", "power-of-two", "least-request", "random:1,power-of-two:1"):
+            for _ in range(20):  # released at once: every least-request decision is a four-way tie
+                decision = r.route(RoutingRequest("m"), r.strategy(strategy), fallbacks=1)
+                r.release(decision)
+                names += [decision.pod.name, decision.fallbacks[0].name]
+        return names
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
 
 
 def test_burst_spreads_because_inflight_counts_at_selection() -> None:
@@ -110,8 +148,6 @@ class MetricsReader(LeastRequestStrategy):
 
 
 def test_decisions_with_unknown_metrics_are_counted() -> None:
-    from brickyard_core.podmetrics import PodMetrics
-
     registry = PodRegistry()
     registry.replace_all(pods(2))
     r = Router(registry, {**build_strategies(), "metrics-reader": MetricsReader()}, default_strategy="random")
@@ -123,6 +159,44 @@ def test_decisions_with_unknown_metrics_are_counted() -> None:
         state.metrics = PodMetrics(timestamp=1.0)
     r.route(RoutingRequest("m"), r.strategy("metrics-reader"))
     assert r.decisions_with_unknown_metrics == 1
+
+
+def test_fallbacks_are_counted_by_the_router_for_committed_decisions_only() -> None:
+    r = router(2)
+    assert r.fallback_decisions == dict.fromkeys(r.fallback_decisions, 0)
+    assert {"least-queue", "least-kv-cache", "inference-extension"} <= r.fallback_decisions.keys()
+    queue = r.strategy("least-queue")
+    pods_ = list(r.registry.ready_pods("m"))
+    assert isinstance(queue.score(RoutingRequest("m"), pods_), FallbackScores)  # no records
+    assert r.fallback_decisions["least-queue"] == 0  # scoring alone counts nothing
+    r.route(RoutingRequest("m"), queue)
+    assert r.fallback_decisions["least-queue"] == 1
+    # A combination counts each part that fell back, under the part's name, whatever decided.
+    r.route(RoutingRequest("m"), r.strategy("least-queue:1,least-kv-cache:2,least-request"))
+    r.route(RoutingRequest("m"), r.strategy("inference-extension"))
+    assert (r.fallback_decisions["least-queue"], r.fallback_decisions["least-kv-cache"]) == (3, 2)
+    assert r.fallback_decisions["inference-extension"] == 0
+    assert r.decisions_with_unknown_metrics == 3
+    # A decision that fails after scoring counts nowhere.
+    with pytest.raises(RuntimeError):
+        r.route(RoutingRequest("m"), Failing())
+    assert r.fallback_decisions == {**r.fallback_decisions, "least-queue": 3, "least-kv-cache": 2}
+    assert "combination" not in r.fallback_decisions  # where the unregistered "failing" would count
+    assert r.decisions_with_unknown_metrics == 3
+    assert sum(pod.inflight for pod in pods_) == 3
+
+
+class Failing(LeastRequestStrategy):
+    """Falls back, then fails to commit (a bug in ``on_routed``)."""
+
+    name = "failing"
+    uses_metrics = True
+
+    def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
+        return FallbackScores(super().score(request, pods))
+
+    def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
+        raise RuntimeError("bug")
 
 
 def test_unavailable_pods_leave_routing_until_they_come_back() -> None:

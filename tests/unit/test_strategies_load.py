@@ -10,7 +10,7 @@ from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.errors import GatewayError
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.select import rank
-from gateway_plugins.routing.strategies import build_strategies
+from gateway_plugins.routing.strategies import FallbackScores, build_strategies
 from gateway_plugins.routing.strategies.load import (
     LeastKvCacheStrategy,
     LeastLatencyStrategy,
@@ -33,7 +33,8 @@ def states(n: int, **metrics: list[float]) -> list[PodState]:
 
 
 def pick(strategy: object, pods: list[PodState], request: RoutingRequest | None = None) -> str:
-    return pods[rank(strategy.score(request or RoutingRequest("m"), pods))[0]].name  # type: ignore[attr-defined]
+    scores = strategy.score(request or RoutingRequest("m"), pods)  # type: ignore[attr-defined]
+    return pods[rank(scores, random.Random(0))[0]].name
 
 
 def test_least_kv_cache_prefers_free_cache_and_counts_tokens_routed_since_the_record() -> None:
@@ -53,15 +54,15 @@ def test_unknown_records_score_the_mean_of_the_known_ones() -> None:
     assert scores == [0.0, -10.0, -5.0]
 
 
-def test_all_unknown_falls_back_to_least_load_and_is_counted() -> None:
+def test_all_unknown_falls_back_to_least_load_and_says_so() -> None:
     pods = states(3, waiting=[None, None, None])
     pods[0].inflight, pods[1].inflight, pods[2].inflight = 4, 1, 2
     strategy = LeastQueueStrategy()
     assert pick(strategy, pods) == "p1"
-    assert strategy.fallbacks == 1
+    assert isinstance(strategy.score(RoutingRequest("m"), pods), FallbackScores)
     pods[0].metrics = PodMetrics(timestamp=1.0, waiting=9)
-    pick(strategy, pods)
-    assert strategy.fallbacks == 1  # one record known: the rule for partly unknown applies, no fallback
+    # One record known: the rule for partly unknown applies, no fallback.
+    assert not isinstance(strategy.score(RoutingRequest("m"), pods), FallbackScores)
 
 
 def test_least_queue_adds_requests_routed_since_the_record() -> None:
@@ -88,11 +89,10 @@ def test_least_latency_weighs_queue_against_prefill_speed() -> None:
 
 
 def test_power_of_two_compares_two_random_candidates() -> None:
-    random.seed(3)
     pods = states(4)
     for pod, load in zip(pods, [5, 0, 7, 9], strict=True):
         pod.inflight = load
-    strategy = PowerOfTwoStrategy()
+    strategy = PowerOfTwoStrategy(random.Random(3))
     picks = Counter(pick(strategy, pods) for _ in range(600))
     assert "p3" not in picks  # the most loaded pod never wins a pair
     assert picks["p1"] > picks["p0"] > picks["p2"] > 0  # the least loaded wins every pair it is in
@@ -168,10 +168,15 @@ def test_inference_extension_preset_is_queue_kv_prefix() -> None:
     ]
 
 
-def test_alias_names_the_same_instance() -> None:
+def test_an_alias_names_the_same_instance_and_counts_as_it() -> None:
     strategies = build_strategies()
     assert strategies["prefix-cache-preble"] is strategies["prefix-cache-and-load"]
-    assert strategies["least-gpu-cache"].score is not None
+    assert strategies["least-gpu-cache"] is strategies["least-kv-cache"]
+    r = router()
+    decision = r.route(RoutingRequest("m"), r.strategy("least-gpu-cache"))  # no records: a fallback
+    assert (decision.strategy, decision.label) == ("least-kv-cache", "least-kv-cache")
+    assert r.fallback_decisions["least-kv-cache"] == 1
+    assert "least-gpu-cache" not in r.fallback_decisions
 
 
 # -- precedence: header > model profile annotation > model setting > default ------------------------------

@@ -26,20 +26,26 @@ import secrets
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Self
 
 import xxhash
 
 from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings, SessionAffinitySettings
-from gateway_plugins.routing.strategies.base import MetricsStrategy, Stateless, least_load_scores, overloaded
+from gateway_plugins.routing.strategies.base import (
+    MetricsStrategy,
+    Stateless,
+    StrategyContext,
+    least_load_scores,
+    overloaded,
+)
+from gateway_plugins.routing.strategies.registry import strategy
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 
+@strategy("session-affinity")
 class SessionAffinityStrategy(Stateless):
     """A conversation's pod while it can take the request; least in-flight requests otherwise."""
-
-    name: ClassVar[str] = "session-affinity"
 
     def __init__(
         self, settings: SessionAffinitySettings, guard: LoadGuardSettings, clock: Callable[[], float]
@@ -50,6 +56,10 @@ class SessionAffinityStrategy(Stateless):
         self.clock = clock
         #: Hash of the session id -> (its pod, time of its last request), least recently used first.
         self._sessions: OrderedDict[int, tuple[PodState, float]] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        return cls(context.settings.session_affinity, context.settings.load_guard, context.clock)
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         scores = least_load_scores(pods)  # all <= 0: the bound pod's 1 beats them
@@ -98,19 +108,21 @@ class SessionAffinityStrategy(Stateless):
 _RUNNING, _WAITING, _FREE_SLOT, _REST = 3, 2, 1, 0  # lora-affinity's tiers
 
 
+@strategy("lora-affinity")
 class LoraAffinityStrategy(MetricsStrategy):
     """Score = tier + 1 / (1 + requests in flight): tiers never overlap; fewer in flight wins within one."""
 
-    name: ClassVar[str] = "lora-affinity"
-
     def __init__(self, guard: LoadGuardSettings) -> None:
-        super().__init__()
         self.guard = guard
         #: Per pod: the record it had when this gateway last sent it an adapter request, and the adapters
         #: sent since that record (a newer record replaces both).
         self._sent: weakref.WeakKeyDictionary[PodState, tuple[PodMetrics | None, set[str]]] = (
             weakref.WeakKeyDictionary()
         )
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        return cls(context.settings.load_guard)
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         adapter = request.model

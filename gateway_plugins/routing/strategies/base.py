@@ -3,24 +3,32 @@
 ``select.rank`` turns scores into a choice. Strategies that learn from their
 decisions (prefix indexes, session tables, fairness counters) also implement
 ``on_routed`` and ``on_finished``; the router calls them for the strategy that
-made the decision.
+made the decision, once it is committed. ``score`` itself changes nothing a
+decision depends on: it may be called for a request that is never routed. A
+strategy is built from a ``StrategyContext`` (the registry calls its factory),
+which gives it its settings, its clock and the only random source it may use.
 
 Metric-reading strategies share one rule for pods whose record is unknown
 (``PodState.metrics is None``: none yet, or stale): when some candidates are
 known, an unknown pod scores the mean of the known ones (neither preferred as
 idle nor avoided as saturated); when none is known, the strategy routes by
-in-flight requests (least-request) and counts the decision in ``fallbacks``.
+in-flight requests (least-request) and says so by returning ``FallbackScores``:
+the router counts the decision as that strategy's fallback once it commits it.
 Nothing falls back to random silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar, Protocol
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from brickyard_core.podmetrics import PodMetrics
-from gateway_plugins.config import LoadGuardSettings
+from gateway_plugins.config import LoadGuardSettings, RoutingSettings
 from gateway_plugins.routing.types import PodState, RoutingRequest
+
+T = TypeVar("T")
 
 
 class Strategy(Protocol):
@@ -28,11 +36,9 @@ class Strategy(Protocol):
     #: Whether ``score`` reads ``PodState.metrics``; the router counts its decisions made while some
     #: candidate's metrics were unknown.
     uses_metrics: ClassVar[bool]
-    #: Decisions this strategy made by an explicit fallback rule instead of its own (see the module doc).
-    fallbacks: int
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
-        """One score per pod, higher is better."""
+        """One score per pod, higher is better; ``FallbackScores`` when a fallback rule made them."""
         ...
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
@@ -44,11 +50,48 @@ class Strategy(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class StrategyContext:
+    """What a strategy is built from: its settings, and the sources of time and chance it must use."""
+
+    settings: RoutingSettings
+    #: Expires learnt state (prefix blocks, sessions, fairness decay): virtual time in the simulator.
+    clock: Callable[[], float]
+    #: The only random source a strategy may draw from: seeded by the simulator, unseeded in the gateway.
+    rng: random.Random
+    #: ``routing.plugins.<name>`` of the strategy being built (read-only): a plugin's own settings.
+    options: Mapping[str, Any]
+    #: Objects the strategies of one build share, by key (``shared``); ``replace`` keeps the same dict.
+    _shared: dict[object, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: object, make: Callable[[], T]) -> T:
+        """The one object every strategy of this build gets for ``key``, made by ``make`` on first use."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]  # type: ignore[no-any-return]
+
+
+class FallbackScores(list[float]):
+    """Scores made by a strategy's explicit fallback rule, not its own (see the module doc).
+
+    A list like any other scores, so only the fallback path pays for the type (one copy); the router
+    counts a committed decision made on them as a fallback of the strategy that returned them.
+    """
+
+    #: Set by a weighted combination: its parts that fell back, which the router counts instead.
+    strategies: tuple[str, ...] = ()
+
+
 class Stateless:
     """Base for strategies with nothing to learn from their decisions."""
 
+    name: ClassVar[str]
     uses_metrics: ClassVar[bool] = False
-    fallbacks: int = 0
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        """The registry's factory (see ``registry``); a strategy without settings needs nothing."""
+        return cls()
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
         return None
@@ -78,9 +121,6 @@ class MetricsStrategy(Stateless):
 
     uses_metrics: ClassVar[bool] = True
 
-    def __init__(self) -> None:
-        self.fallbacks = 0
-
     def pod_score(self, request: RoutingRequest, pod: PodState, metrics: PodMetrics) -> float:
         raise NotImplementedError
 
@@ -93,8 +133,7 @@ class MetricsStrategy(Stateless):
         """Per-pod scores, ``None`` where the pod's metrics are unknown, completed by the module's rule."""
         known = [s for s in scores if s is not None]
         if not known:
-            self.fallbacks += 1
-            return least_load_scores(pods)
+            return FallbackScores(least_load_scores(pods))
         if len(known) < len(scores):
             mean = sum(known) / len(known)
             return [mean if s is None else s for s in scores]

@@ -3,7 +3,8 @@
 Each part's scores are min-max normalised to [0, 1] over the candidates (1 for
 every pod when they are all equal; 0 for a pod a part ruled out with -inf),
 multiplied by the part's integer weight (default 1; weight 0 drops the part)
-and summed; the highest total wins.
+and summed; the highest total wins. A part that fell back (``FallbackScores``)
+is counted as that part's fallback, whatever the combination decides.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from gateway_plugins.routing.strategies.base import Strategy
+from gateway_plugins.routing.strategies.base import FallbackScores, Strategy
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 
@@ -23,19 +24,25 @@ class WeightedStrategy:
         self.name = name  # type: ignore[misc]
         self.parts = tuple(parts)
         self.uses_metrics = any(part.uses_metrics for part, _ in self.parts)  # type: ignore[misc]
-        self.fallbacks = 0  # the parts count their own
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         totals = [0.0] * len(pods)
+        fell_back: tuple[str, ...] = ()
         for part, weight in self.parts:
             scores = part.score(request, pods)
+            if isinstance(scores, FallbackScores):
+                fell_back += scores.strategies or (part.name,)
             finite = [s for s in scores if math.isfinite(s)]
             low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
             span = high - low
             for i, s in enumerate(scores):
                 if math.isfinite(s):
                     totals[i] += weight * ((s - low) / span if span > 0 else 1.0)
-        return totals
+        if not fell_back:
+            return totals
+        scores = FallbackScores(totals)
+        scores.strategies = fell_back
+        return scores
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
         for part, _ in self.parts:

@@ -16,7 +16,7 @@ other pod whose latest record shows an empty queue (``waiting == 0``); fewest in
 So under contention the heavy user's queue builds on its own pods and everyone else finds the rest of
 the fleet without a queue, while spare capacity is still used (the rule is work-conserving). A pod
 whose record is unknown takes no spill-over; when no pod outside the subset has a known record the
-user is held to its subset and the decision counts in ``fallbacks``.
+user is held to its subset and the decision is a fallback (``FallbackScores``).
 
 Decay costs nothing per user: counters are kept in units that double every half-life, so tokens
 charged at time t are added as tokens x 2^((t - t0) / half_life), and comparisons, all between
@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import xxhash
 
 from gateway_plugins.config import FairnessSettings
-from gateway_plugins.routing.strategies.base import least_load_scores
+from gateway_plugins.routing.strategies.base import FallbackScores, StrategyContext, least_load_scores
+from gateway_plugins.routing.strategies.registry import strategy
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 #: Half-lives between two rebases of the counters' units (2^32: far from float overflow).
@@ -50,10 +51,11 @@ class _Tenant:
         self.inflight = 0
 
 
+@strategy("vtc-basic")
 class VirtualTokenCounterStrategy:
     """Users above the fair share of tokens get a subset of the pods (and idle ones); the others, all."""
 
-    name: ClassVar[str] = "vtc-basic"
+    name: ClassVar[str]
     uses_metrics: ClassVar[bool] = True
 
     def __init__(self, settings: FairnessSettings, clock: Callable[[], float]) -> None:
@@ -62,7 +64,6 @@ class VirtualTokenCounterStrategy:
         self.half_life = settings.half_life_seconds
         self.expected_output_tokens = settings.expected_output_tokens
         self.clock = clock
-        self.fallbacks = 0
         self._tenants: dict[str, _Tenant] = {}
         #: Sum of the active users' counters, and how many they are; kept as requests come and go.
         self._active_tokens = 0.0
@@ -70,6 +71,10 @@ class VirtualTokenCounterStrategy:
         self._epoch = 0.0  # the first charge far from it rebases (with nobody to rebase yet)
         #: Per pod, the seed its rendezvous weights are hashed with.
         self._pod_seeds: weakref.WeakKeyDictionary[PodState, int] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        return cls(context.settings.fairness, context.clock)
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         scores = least_load_scores(pods)
@@ -89,9 +94,7 @@ class VirtualTokenCounterStrategy:
                 known = known or metrics is not None
                 if metrics is None or metrics.waiting:
                     scores[i] = -math.inf
-        if not known:
-            self.fallbacks += 1
-        return scores
+        return scores if known else FallbackScores(scores)
 
     def _pods_allowed(self, tenant: _Tenant, pods: int) -> int:
         """How many of ``pods`` candidates the tenant's rendezvous subset holds now."""

@@ -17,7 +17,7 @@ or of a type without a profile, is of *unknown type*: neither its speed nor its 
 last resort, and only its queue can mark it saturated. When every candidate is saturated (the fleet is
 over capacity), the pod with the lowest in-flight count relative to its type's ``max_inflight`` wins,
 unknown types last; that decision, and any where no candidate has a profiled type (plain least-request
-among pods without a queue), counts in ``fallbacks``.
+among pods without a queue), is a fallback (``FallbackScores``).
 
 ``ttft_t`` grows with the prompt, so type ``t`` meets the TTFT objective for prompts up to
 ``ttft_slo_seconds x prefill_tokens_per_second_t`` tokens. Those limits cut prompt lengths into buckets
@@ -31,10 +31,11 @@ import bisect
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from gateway_plugins.config import GpuProfile, GpuTypeSettings
-from gateway_plugins.routing.strategies.base import Stateless
+from gateway_plugins.routing.strategies.base import FallbackScores, Stateless, StrategyContext
+from gateway_plugins.routing.strategies.registry import strategy
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,13 @@ def preference(settings: GpuTypeSettings, prompt_tokens: float) -> list[str]:
     return meeting + others
 
 
+@strategy("gpu-type")
 class GpuTypeStrategy(Stateless):
     """The cheapest GPU type that meets the request's SLOs and has a pod with room; spill-over beyond."""
 
-    name: ClassVar[str] = "gpu-type"
     uses_metrics: ClassVar[bool] = True
 
     def __init__(self, settings: GpuTypeSettings) -> None:
-        self.fallbacks = 0
         self.settings = settings
         profiles = settings.profiles
         for gpu, profile in profiles.items():
@@ -97,6 +97,10 @@ class GpuTypeStrategy(Stateless):
         self._capacity = {gpu: p.max_inflight for gpu, p in profiles.items()}
         self._unknown = len(profiles)  # the position of pods of unknown type
         self._warned: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        return cls(context.settings.gpu_type)
 
     def bucket(self, prompt_tokens: int) -> int:
         """The prompt-length bucket a request falls in; its order of types is ``preference`` at its limit."""
@@ -132,21 +136,19 @@ class GpuTypeStrategy(Stateless):
             ranks.append(position + tiers if saturated else position)
             loads.append(load)
         if not free:
-            self.fallbacks += 1
             return self._overloaded(pods)
-        if not known:
-            self.fallbacks += 1
         span = max(loads) + 1
-        return [-float(rank * span + load) for rank, load in zip(ranks, loads, strict=True)]
+        scores = [-float(rank * span + load) for rank, load in zip(ranks, loads, strict=True)]
+        return scores if known else FallbackScores(scores)
 
-    def _overloaded(self, pods: Sequence[PodState]) -> list[float]:
+    def _overloaded(self, pods: Sequence[PodState]) -> FallbackScores:
         """Every candidate saturated: least in-flight relative to the type's capacity; unknown types last."""
         capacity = self._capacity
         relative = [pod.load / size if (size := capacity.get(self.gpu_type(pod))) else None for pod in pods]
         worst = max((r for r in relative if r is not None), default=0.0)
-        return [
+        return FallbackScores(
             -r if r is not None else -(worst + 1 + pod.load) for r, pod in zip(relative, pods, strict=True)
-        ]
+        )
 
     def _warn(self, gpu: str) -> None:
         if gpu not in self._warned:

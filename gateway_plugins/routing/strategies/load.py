@@ -11,30 +11,45 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Self
 
 from brickyard_core.podmetrics import PodMetrics
-from gateway_plugins.routing.strategies.base import MetricsStrategy, Stateless, least_load_scores
+from gateway_plugins.routing.strategies.base import (
+    MetricsStrategy,
+    Stateless,
+    StrategyContext,
+    least_load_scores,
+)
+from gateway_plugins.routing.strategies.registry import strategy
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 #: Output tokens assumed for a request that does not set ``max_tokens``.
 DEFAULT_OUTPUT_TOKENS = 128
 
 
-class RandomStrategy(Stateless):
+class _Drawing(Stateless):
+    """A strategy that draws from the injected random source, never the global one."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        return cls(context.rng)
+
+
+@strategy("random")
+class RandomStrategy(_Drawing):
     """Uniformly random: the baseline every other strategy must beat."""
 
-    name: ClassVar[str] = "random"
-
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
-        rnd = random.random
+        rnd = self.rng.random
         return [rnd() for _ in pods]
 
 
+@strategy("round-robin")
 class RoundRobinStrategy(Stateless):
     """Each candidate in turn (by position in the model's ready list)."""
-
-    name: ClassVar[str] = "round-robin"
 
     def __init__(self) -> None:
         self._turn = 0
@@ -48,6 +63,7 @@ class RoundRobinStrategy(Stateless):
         self._turn += 1
 
 
+@strategy("least-request")
 class LeastRequestStrategy(Stateless):
     """Fewest requests in flight; ties broken at random.
 
@@ -56,43 +72,38 @@ class LeastRequestStrategy(Stateless):
     one that looked idle), plus what the other gateway replicas last reported.
     """
 
-    name: ClassVar[str] = "least-request"
-
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         return least_load_scores(pods)
 
 
-class PowerOfTwoStrategy(Stateless):
+@strategy("power-of-two")
+class PowerOfTwoStrategy(_Drawing):
     """Two candidates drawn at random, the one with fewer requests in flight wins.
 
     Near least-request's balance without every gateway replica converging on the
     same pod between two in-flight reports.
     """
 
-    name: ClassVar[str] = "power-of-two"
-
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         if len(pods) <= 2:
             return least_load_scores(pods)
         scores = [float("-inf")] * len(pods)
-        for i in random.sample(range(len(pods)), 2):
+        for i in self.rng.sample(range(len(pods)), 2):
             scores[i] = -float(pods[i].load)
         return scores
 
 
+@strategy("least-queue")
 class LeastQueueStrategy(MetricsStrategy):
     """Fewest requests waiting in the engine's queue (the Inference Extension's queue scorer)."""
-
-    name: ClassVar[str] = "least-queue"
 
     def pod_score(self, request: RoutingRequest, pod: PodState, metrics: PodMetrics) -> float:
         return -float(metrics.waiting + pod.routed_since_record)
 
 
+@strategy("least-kv-cache", aliases=("least-gpu-cache",))  # the older vLLM metric's name
 class LeastKvCacheStrategy(MetricsStrategy):
     """Lowest KV-cache usage, plus the prompt tokens routed to the pod since its record."""
-
-    name: ClassVar[str] = "least-kv-cache"
 
     def pod_score(self, request: RoutingRequest, pod: PodState, metrics: PodMetrics) -> float:
         capacity = metrics.num_blocks * metrics.block_size
@@ -100,24 +111,18 @@ class LeastKvCacheStrategy(MetricsStrategy):
         return -(metrics.kv_usage + pending)
 
 
-class LeastGpuCacheStrategy(LeastKvCacheStrategy):
-    """``least-kv-cache`` under the name older vLLM metrics (``gpu_cache_usage_perc``) gave it."""
-
-    name: ClassVar[str] = "least-gpu-cache"
-
-
+@strategy("throughput")
 class ThroughputStrategy(MetricsStrategy):
     """Least token throughput (prompt + generated tokens per second over the record's window).
 
     Tokens routed since the record count as one more second's worth.
     """
 
-    name: ClassVar[str] = "throughput"
-
     def pod_score(self, request: RoutingRequest, pod: PodState, metrics: PodMetrics) -> float:
         return -(metrics.prompt_tps + metrics.generation_tps + pod.tokens_since_record)
 
 
+@strategy("least-latency")
 class LeastLatencyStrategy(MetricsStrategy):
     """Shortest estimated time to serve this request, from the pod's measured means:
 
@@ -125,8 +130,6 @@ class LeastLatencyStrategy(MetricsStrategy):
     prefill = this prompt's tokens x the pod's prefill seconds per prompt token
     decode = this request's max_tokens (or 128) x the pod's mean time per output token
     """
-
-    name: ClassVar[str] = "least-latency"
 
     def pod_score(self, request: RoutingRequest, pod: PodState, metrics: PodMetrics) -> float:
         prefill_time = max(0.0, metrics.ttft_mean - metrics.queue_mean)

@@ -28,12 +28,13 @@ import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import xxhash
 
 from gateway_plugins.config import LoadGuardSettings, PrefixCacheSettings
-from gateway_plugins.routing.strategies.base import Stateless, overloaded
+from gateway_plugins.routing.strategies.base import FallbackScores, Stateless, StrategyContext, overloaded
+from gateway_plugins.routing.strategies.registry import strategy
 from gateway_plugins.routing.types import CHARS_PER_TOKEN, PodState, RoutingRequest
 
 Tokenizer = Callable[[str], Sequence[int]]
@@ -142,26 +143,38 @@ class PrefixIndex:
         """Blocks remembered over all pods."""
         return sum(len(blocks) for blocks in self._pods.values())
 
+    @staticmethod
+    def shared(context: StrategyContext) -> PrefixIndex:
+        """The one index every strategy of a gateway reads (and teaches), whatever number use it."""
+        settings = context.settings.prefix_cache
+        return context.shared(
+            PrefixIndex,
+            lambda: PrefixIndex(
+                settings, context.clock, load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+            ),
+        )
+
 
 class _PrefixLearner(Stateless):
-    """Shares the index: records the prompt against the chosen pod."""
+    """Reads the shared index within the load guard; records the prompt against the chosen pod."""
 
-    def __init__(self, index: PrefixIndex) -> None:
+    def __init__(self, index: PrefixIndex, settings: PrefixCacheSettings, guard: LoadGuardSettings) -> None:
         self.index = index
+        self.min_match_ratio = settings.min_match_ratio
+        self.guard = guard
+
+    @classmethod
+    def from_settings(cls, context: StrategyContext) -> Self:
+        settings = context.settings
+        return cls(PrefixIndex.shared(context), settings.prefix_cache, settings.load_guard)
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
         self.index.record(self.index.block_hashes(request), pod)
 
 
+@strategy("prefix-cache")
 class PrefixCacheStrategy(_PrefixLearner):
     """Longest cached prefix, within the load guard; least in-flight requests otherwise."""
-
-    name: ClassVar[str] = "prefix-cache"
-
-    def __init__(self, index: PrefixIndex, settings: PrefixCacheSettings, guard: LoadGuardSettings) -> None:
-        super().__init__(index)
-        self.min_match_ratio = settings.min_match_ratio
-        self.guard = guard
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         hashes = self.index.block_hashes(request)
@@ -177,6 +190,7 @@ class PrefixCacheStrategy(_PrefixLearner):
         ]
 
 
+@strategy("prefix-cache-and-load", aliases=("prefix-cache-preble",))
 class PrefixCacheAndLoadStrategy(_PrefixLearner):
     """Preble's exploit-or-explore rule with a prefill cost model.
 
@@ -191,41 +205,39 @@ class PrefixCacheAndLoadStrategy(_PrefixLearner):
       in flight from this gateway x this prompt's length;
     * uncached: this prompt's tokens minus the matched blocks' tokens (all of them past the guard);
     * seconds per token: the pod's mean (ttft - queue time) / mean prompt length; the candidates' median
-      when unknown (1 when none is known, so the cost is in tokens; such decisions are counted).
+      when unknown (1 when none is known, so the cost is in tokens: the decision is a fallback).
     """
 
-    name: ClassVar[str] = "prefix-cache-and-load"
     uses_metrics: ClassVar[bool] = True
-
-    def __init__(self, index: PrefixIndex, settings: PrefixCacheSettings, guard: LoadGuardSettings) -> None:
-        super().__init__(index)
-        self.min_match_ratio = settings.min_match_ratio
-        self.guard = guard
-        self.fallbacks = 0
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
         hashes = self.index.block_hashes(request)
         matched = self.index.matched_blocks(hashes, pods)
         guard = overloaded(pods, self.guard)
         matched = [0 if blocked else blocks for blocks, blocked in zip(matched, guard, strict=True)]
-        costs = self._costs(request, pods, matched)
-        best = max(matched)
-        if best and best >= self.min_match_ratio * len(hashes):
-            return [
-                -cost if blocks == best else -math.inf for blocks, cost in zip(matched, costs, strict=True)
-            ]
-        return [-cost for cost in costs]
-
-    def _costs(
-        self, request: RoutingRequest, pods: Sequence[PodState], matched: Sequence[int]
-    ) -> list[float]:
-        tokens = request.prompt_tokens
-        block_tokens = self.index.block_tokens
         speeds = [_seconds_per_prefill_token(pod) for pod in pods]
         known = [s for s in speeds if s is not None]
-        if not known:
-            self.fallbacks += 1
-        default = statistics.median(known) if known else 1.0
+        costs = self._costs(request, pods, matched, speeds, statistics.median(known) if known else 1.0)
+        best = max(matched)
+        if best and best >= self.min_match_ratio * len(hashes):
+            scores = [
+                -cost if blocks == best else -math.inf for blocks, cost in zip(matched, costs, strict=True)
+            ]
+        else:
+            scores = [-cost for cost in costs]
+        return scores if known else FallbackScores(scores)
+
+    def _costs(
+        self,
+        request: RoutingRequest,
+        pods: Sequence[PodState],
+        matched: Sequence[int],
+        speeds: Sequence[float | None],
+        default: float,
+    ) -> list[float]:
+        """Each pod's prefill cost; ``default`` seconds per token where its speed is unknown (None)."""
+        tokens = request.prompt_tokens
+        block_tokens = self.index.block_tokens
         costs = []
         for pod, blocks, speed in zip(pods, matched, speeds, strict=True):
             metrics = pod.metrics
