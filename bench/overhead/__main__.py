@@ -68,7 +68,10 @@ HEADERS = {"user": "bench-tenant"}
 def round_robin_envoy(listen_port: int, admin_port: int, engines: list[Engine]) -> dict[str, Any]:
     """Envoy alone: the AIBrix config without ext_proc, routing round robin to a static cluster."""
     config = render_envoy_config("aibrix", listen_port=listen_port, admin_port=admin_port, gateway_port=1)
-    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+    (manager,) = [
+        f["typed_config"] for f in filters if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
     manager["http_filters"] = [
         f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
     ]
