@@ -325,12 +325,15 @@ class ModelAdapterController:
             # The loads' ends queue the adapter; this visit is the backstop, when they must have ended.
             requeue = self.settings.load_timeout_seconds
 
-        taken = {c.name for c in instances} | loading
+        serving = {c.name for c in instances}
+        taken = serving | loading
         status = self._conditions_and_phase(
             obj,
             candidates=candidates,
             instances=instances,
-            loading=loading,
+            # A load that ended on a pod that already lists the adapter is not awaited any more (the next
+            # reconcile only records it): the phase says Bound or Running, not Loading.
+            loading=loading - serving,
             desired=desired,
             attempts=attempts,
             next_retry=next_retry,
