@@ -61,10 +61,20 @@ class StackError(RuntimeError):
     """A child process failed to start or died."""
 
 
+#: Ports ``free_port`` handed out: the kernel may offer a just-released port again before whoever it was
+#: given to binds it (two engines, or an engine and its KV-event socket, on one port).
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing is bound to, and that this process was not given before."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 def redis_server_binary() -> str:
