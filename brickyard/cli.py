@@ -59,6 +59,23 @@ def _emulator(args: argparse.Namespace) -> None:
     logs.setup("emulator", args.log_level)
     uvloop.install()
     backend: Backend
+    publisher = None
+    if args.kv_events_config is not None:
+        import zmq
+
+        from emulator.kv_events import KVEventsConfig, KVEventsConfigError, create_publisher
+
+        try:
+            kv_events_config = KVEventsConfig.from_json(args.kv_events_config)
+            if kv_events_config.enabled and args.profile == "instant":
+                sys.exit(
+                    "brickyard emulator: --kv-events-config needs an engine model, not --profile instant"
+                )
+            publisher = create_publisher(kv_events_config)
+        except KVEventsConfigError as exc:
+            sys.exit(f"brickyard emulator: {exc}")
+        except zmq.ZMQError as exc:  # the endpoint is in use or cannot be bound
+            sys.exit(f"brickyard emulator: cannot open the KV-event sockets: {exc}")
     if args.profile == "instant":
         backend = InstantBackend(
             ttft=args.ttft_ms / 1000, inter_token=args.itl_ms / 1000, max_loras=args.max_loras
@@ -81,7 +98,7 @@ def _emulator(args: argparse.Namespace) -> None:
             max_loras=args.max_loras or None,
             num_blocks=args.num_blocks,
         )
-        backend = LiveEngine(core, speed=args.speed)
+        backend = LiveEngine(core, speed=args.speed, kv_events=publisher)
         max_model_len = core.max_model_len
     app = EmulatorApp(
         backend,
@@ -89,6 +106,8 @@ def _emulator(args: argparse.Namespace) -> None:
         pod_name=args.name,
         max_model_len=max_model_len,
         enable_lora=args.enable_lora,
+        kv_events=publisher,
+        prompt_tokens_details=args.enable_prompt_tokens_details,
     )
     web.run_app(app.build(), host=args.host, port=args.port, access_log=None, print=None)
 
@@ -252,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("--ttft-ms", type=float, default=0.0, help="instant profile: time to first token")
     em.add_argument("--itl-ms", type=float, default=0.0, help="instant profile: time between output tokens")
+    em.add_argument(
+        "--kv-events-config",
+        metavar="JSON",
+        help="publish KV-cache events over ZMQ, as vLLM's option of the same name "
+        """(e.g. '{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557", "topic": "kv"}')""",
+    )
+    em.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens, as vLLM's option of the same name",
+    )
     sc = command("sidecar", _sidecar, "Run the runtime sidecar beside one engine.")
     config_option(sc, "docs/configuration.md")
     sc.add_argument("--engine-url")

@@ -20,6 +20,10 @@ REDIS_URL = f"redis://{LOOPBACK}:6379/0"
 #: pods that do not say otherwise.
 SIDECAR_PORT = 8090
 
+#: Port of an engine's KV-cache event publisher (vLLM ``--kv-events-config`` endpoint ``tcp://*:5557``):
+#: the port vLLM's own examples use.
+KV_EVENTS_PORT = 5557
+
 #: Trailing window of the rates and means of a pod-metrics record: the sidecar averages over it, and a record
 #: built without one (``brickyard_core.podmetrics.MetricsWindow``) covers the same.
 METRICS_WINDOW_SECONDS = 2.0

@@ -23,6 +23,8 @@ class GenerationRequest:
     prompt_tokens: list[int]
     max_tokens: int
     lora: str | None = None  # adapter name, None for the base model
+    #: Prompt tokens the engine served from its prefix cache: known once the request is scheduled.
+    cached_tokens: int = 0
 
 
 class Backend(Protocol):

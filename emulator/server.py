@@ -12,6 +12,10 @@ the old SGLang ``{"load": N}``, sglang-router (0.3+) only SGLang's newer list wi
 one entry per DP rank and sums its ``num_tokens`` (anything else reads as load -1).
 ``POST /emulator/load_format {"format": "load" | "sglang"}`` picks one at run time,
 so one engine can serve either router; ``"load"`` is the default.
+
+``POST /reset_prefix_cache[?reset_running_requests=true]`` answers ``{"success": bool}`` as vLLM does
+(vLLM serves it with ``VLLM_SERVER_DEV_MODE=1``; the emulator always). An ``EmulatorApp`` given a
+``KVEventPublisher`` (``--kv-events-config``) starts its replay service with the app and closes it after.
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 from aiohttp import web
 
 from emulator import exposition, tokens
 from emulator.backend import Backend, GenerationRequest
+from emulator.tokens import chat_prompt
+
+if TYPE_CHECKING:  # pyzmq and msgpack are needed only with KV events on
+    from emulator.kv_events import KVEventPublisher
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -70,13 +78,6 @@ class EngineError(Exception):
         )
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> str:
-    """The emulator's chat template: role tags around each message, then the assistant's turn."""
-    return (
-        "".join(f"<|{m.get('role')}|>\n{_content(m.get('content'))}\n" for m in messages) + "<|assistant|>\n"
-    )
-
-
 class EmulatorApp:
     def __init__(
         self,
@@ -86,8 +87,13 @@ class EmulatorApp:
         pod_name: str = "",
         max_model_len: int = 8192,
         enable_lora: bool = False,
+        kv_events: KVEventPublisher | None = None,
+        prompt_tokens_details: bool = False,
     ) -> None:
         self.backend = backend
+        #: vLLM's ``--enable-prompt-tokens-details``: usage says how many prompt tokens were cache hits.
+        self.prompt_tokens_details = prompt_tokens_details
+        self.kv_events = kv_events
         self.model = model
         self.pod_name = pod_name
         self.max_model_len = max_model_len
@@ -109,6 +115,7 @@ class EmulatorApp:
             "/v1/completions/render": self.render_completion,
             "/v1/chat/completions/render": self.render_chat,
             "/emulator/load_format": self.set_load_format,
+            "/reset_prefix_cache": self.reset_prefix_cache,
         }
         for path, handler in routes.items():
             app.router.add_post(path, self._errors(handler))
@@ -117,7 +124,18 @@ class EmulatorApp:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/get_load", self.get_load)
         app.router.add_get("/emulator/status", self.status)
+        if self.kv_events is not None:
+            app.on_startup.append(self._start_kv_events)
+            app.on_cleanup.append(self._close_kv_events)
         return app
+
+    async def _start_kv_events(self, _: web.Application) -> None:
+        assert self.kv_events is not None
+        self.kv_events.start()
+
+    async def _close_kv_events(self, _: web.Application) -> None:
+        assert self.kv_events is not None
+        await self.kv_events.close()
 
     @staticmethod
     def _errors(handler: Handler) -> Handler:
@@ -217,7 +235,7 @@ class EmulatorApp:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        usage = _usage(len(ids), len(produced))
+        usage = self._usage(generation, len(produced))
         return self._json({**meta, "object": kind, "choices": [choice], "usage": usage})
 
     async def _stream(
@@ -262,10 +280,16 @@ class EmulatorApp:
             end = {"delta": {}} if chat else {"text": ""}
             await send([{"index": 0, **end, "logprobs": None, "finish_reason": "length"}])
         if include_usage:
-            await send([], usage=_usage(len(generation.prompt_tokens), produced))
+            await send([], usage=self._usage(generation, produced))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _usage(self, generation: GenerationRequest, completion: int) -> dict[str, Any]:
+        usage: dict[str, Any] = _usage(len(generation.prompt_tokens), completion)
+        if self.prompt_tokens_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": generation.cached_tokens}
+        return usage
 
     # -- models and LoRA adapters ------------------------------------------------------------
 
@@ -402,6 +426,15 @@ class EmulatorApp:
         self.load_format = body["format"]
         return self._json({"format": self.load_format})
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """Drop the engine's cached prefixes; ``success`` is false while requests hold blocks, unless
+        ``reset_running_requests`` preempts them first. An engine without a prefix cache has none to drop."""
+        reset_running = _query_flag(request, "reset_running_requests")
+        _query_flag(request, "reset_external")  # no external (connector) cache here: nothing to reset
+        reset = getattr(self.backend, "reset_prefix_cache", None)
+        success = True if reset is None else bool(reset(reset_running))
+        return self._json({"success": success})
+
     async def status(self, _: web.Request) -> web.Response:
         return self._json({"model": self.model, "pod": self.pod_name, **self.backend.status()})
 
@@ -439,6 +472,19 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _query_flag(request: web.Request, name: str) -> bool:
+    """A boolean query parameter, spelled as FastAPI accepts them."""
+    value = request.query.get(name)
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in ("1", "true", "on", "yes", "t", "y"):
+        return True
+    if lowered in ("0", "false", "off", "no", "f", "n"):
+        return False
+    raise EngineError(400, f"{name} must be a boolean, not {value!r}", f"query.{name}", "Bad Request")
+
+
 def _prompt_ids(body: dict[str, Any]) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -454,12 +500,6 @@ def _prompt_ids(body: dict[str, Any]) -> list[int]:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _content(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
 
 
 def _embedding(ids: list[int], dims: int = 16) -> list[float]:

@@ -31,13 +31,15 @@ from brickyard_core.podmetrics import EngineSample, MetricsWindow, PodMetrics
 from emulator.engine import EngineCore, EngineStats, Request, RequestResult
 from emulator.profile import load_profile
 from emulator.results import RequestOutcome, summarize
+from emulator.tokens import EmulatorTokenizer
 from emulator.workloads import WorkloadRequest
 from gateway_plugins.config import RoutingSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.errors import GatewayError
+from gateway_plugins.request_parsing import parse_body
 from gateway_plugins.routing.router import Decision, Router
 from gateway_plugins.routing.strategies import Strategy, build_strategies
-from gateway_plugins.routing.types import Endpoint, PodState, RoutingRequest
+from gateway_plugins.routing.types import Endpoint, PodState
 
 Clock = Callable[[], float]
 #: Builds the router's strategies on the simulator's clock and random source.
@@ -213,7 +215,13 @@ class FleetSimulator:
             strategies = build_strategies(spec.routing, clock=self.clock, rng=self.rng)
         elif callable(strategies):
             strategies = strategies(self.clock, self.rng)
-        self.router = Router(registry, strategies, default_strategy=spec.strategy, rng=self.rng)
+        self.router = Router(
+            registry,
+            strategies,
+            default_strategy=spec.strategy,
+            rng=self.rng,
+            tokenizers={spec.model: EmulatorTokenizer()},
+        )
         pods = {pod.name: pod for pod in registry.ready_pods(spec.model)}
         self.engines = [
             _Engine(
@@ -269,16 +277,8 @@ class FleetSimulator:
             self.now = now
             if not self.router.registry.knows_model(request.model):
                 self._register_adapter(request.model)
-            routing = RoutingRequest(
-                request.model,
-                endpoint=Endpoint.COMPLETIONS,
-                user=request.user or None,
-                session_id=request.session or None,
-                prompt_source=lambda _, r=request: r.prompt_text,
-                prompt_token_ids=request.prompt_ids,
-                max_tokens=request.max_tokens,
-            )
-            try:
+            try:  # the request as a client sends it, read as the gateway reads it
+                routing = parse_body(Endpoint.COMPLETIONS, request.body(), session_id=request.session or None)
                 decision = self.router.route(routing)
             except GatewayError:
                 rejected += 1

@@ -15,7 +15,9 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from collections.abc import Mapping, Sequence
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +55,37 @@ class Vocabulary:
     def text(self, ids: list[int]) -> str:
         """The text of ids drawn from this vocabulary (``encode`` of it gives ``ids`` back)."""
         return "".join(map(self._word_of.__getitem__, ids))
+
+
+def chat_prompt(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    """The emulator's chat template: role tags around each message, then the assistant's turn."""
+    text = "".join(f"<|{m.get('role')}|>\n{_content(m.get('content'))}\n" for m in messages)
+    return text + "<|assistant|>\n" if add_generation_prompt else text
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+class EmulatorTokenizer:
+    """The emulated model's tokenizer and chat template, as the gateway's router takes a model's own
+    (``PromptTokenizer``): the simulator's router tokenizes requests with it, as the engines do."""
+
+    def encode_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return encode(text)
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        return encode(chat_prompt(messages, add_generation_prompt=add_generation_prompt))
 
 
 @cache

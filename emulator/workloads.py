@@ -43,6 +43,17 @@ class WorkloadRequest:
             self.text = tokens.vocabulary().text(self.prompt_ids)
         return self.text
 
+    def body(self) -> bytes:
+        """The OpenAI completions request a client sends for it (the session travels in a header)."""
+        fields: dict[str, object] = {
+            "model": self.model,
+            "prompt": self.prompt_text,
+            "max_tokens": self.max_tokens,
+        }
+        if self.user:
+            fields["user"] = self.user
+        return orjson.dumps(fields)
+
     def to_json(self) -> bytes:
         return orjson.dumps(
             {

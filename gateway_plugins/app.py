@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import signal
+import time
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -20,13 +21,16 @@ from gateway_plugins.discovery.static import StaticDiscovery
 from gateway_plugins.extproc.service import PROCESS_METHOD, ExtProcService
 from gateway_plugins.extproc.stream import ExtProcStream
 from gateway_plugins.health import HealthServer
+from gateway_plugins.kv_events.feed import KvEventFeed
 from gateway_plugins.metrics import PodCollector, RequestMetrics, metrics_app
 from gateway_plugins.pod_metrics_store import PodMetricsStore
+from gateway_plugins.routing.kv_index import KvBlockIndex
 from gateway_plugins.routing.router import Router
 from gateway_plugins.routing.strategies import build_strategies
 from gateway_plugins.tenancy.gate import Tenancy
 from gateway_plugins.tenancy.limits import RateLimiter
 from gateway_plugins.tenancy.users import UserDirectory, UserStore
+from gateway_plugins.tokenization import ModelTokenizer
 from gateway_plugins.transport.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -36,9 +40,20 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.pods = PodRegistry()
+        events = settings.kv_events
+        self.kv_index = (
+            KvBlockIndex(
+                time.monotonic,
+                resync_seconds=events.resync_seconds,
+                speculative_seconds=events.speculative_seconds,
+            )
+            if events.enabled
+            else None
+        )
+        self.kv_feed = KvEventFeed(self.pods, self.kv_index, events) if self.kv_index is not None else None
         self.router = Router(
             self.pods,
-            build_strategies(settings.routing),
+            build_strategies(settings.routing, kv_index=self.kv_index),
             default_strategy=settings.default_strategy,
             model_strategies={
                 m: s.routing_strategy for m, s in settings.models.items() if s.routing_strategy
@@ -69,6 +84,7 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        await self._load_tokenizers()
         discovery = s.discovery
         if discovery.source == "static":
             if not discovery.endpoints_file:
@@ -101,13 +117,17 @@ class Gateway:
                 share_interval=s.inflight_share_seconds,
             )
             self._tasks.append(asyncio.create_task(self.metrics_store.run(), name="pod-metrics"))
+        if self.kv_feed is not None:
+            self._tasks.append(asyncio.create_task(self.kv_feed.run(), name="kv-events"))
         if self.tenancy is not None:
             self._tasks.append(asyncio.create_task(self.tenancy.users.run(), name="users"))
             token = read_secret(s.tenancy.admin_token_file, "BRICKYARD_ADMIN_TOKEN")
             if token:
                 store = UserStore(s.redis_url or "")
                 self.admin_port = await self._serve_http(admin_app(store, token), s.tenancy.admin_port)
-        self.metrics.register(PodCollector(self.pods, self.router, self.metrics_store, self.tenancy))
+        self.metrics.register(
+            PodCollector(self.pods, self.router, self.metrics_store, self.tenancy, self.kv_feed)
+        )
         self.grpc_port = await self.grpc.start(s.listen_host, s.grpc_port)
         self.health_port = await self.health.start(s.listen_host, s.health_port)
         self.metrics_port = await self._serve_http(metrics_app(self.metrics), s.metrics_port)
@@ -122,6 +142,18 @@ class Gateway:
                 "default_strategy": s.default_strategy,
                 "tenancy": s.tenancy.enabled,
             },
+        )
+
+    async def _load_tokenizers(self) -> None:
+        """Each configured model's own tokenizer (files or a download: in a thread), before serving: a
+        source that cannot be loaded stops start-up, naming it."""
+        sources = {model: m.tokenizer for model, m in self.settings.models.items() if m.tokenizer}
+        for model, source in sources.items():
+            self.router.tokenizers[model] = await asyncio.to_thread(ModelTokenizer.load, source)
+        log.info(
+            "tokenizers loaded: prompts of these models are tokenized as their engines tokenize them; those "
+            "of any other model are routed on lengths estimated from their text",
+            extra={"exact_models": sorted(sources)},
         )
 
     async def _serve_http(self, app: web.Application, port: int) -> int:

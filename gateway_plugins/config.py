@@ -45,9 +45,6 @@ class PrefixCacheSettings:
     ttl_seconds: float = 600.0
     #: Matches covering less of the prompt than this fraction count as no match (route on load instead).
     min_match_ratio: float = 0.3
-    #: Path of a Hugging Face ``tokenizer.json``: hash token blocks instead of character blocks
-    #: (``block_tokens`` x 4 bytes of text). Needs the ``tokenizers`` package.
-    tokenizer: str | None = None
 
 
 @dataclass
@@ -137,6 +134,11 @@ class ModelSettings:
 
     #: Strategy for this model when the request names none.
     routing_strategy: str | None = None
+    #: The model's tokenizer, so requests are routed on the token ids vLLM will compute: a folder holding
+    #: ``tokenizer.json`` (and the chat template, in ``tokenizer_config.json`` or ``chat_template.jinja``),
+    #: or ``hf://org/repo[@revision]`` (tokenizer files only, through the HF cache; ``HF_ENDPOINT`` and
+    #: ``HF_HUB_OFFLINE`` apply). Unset: the model is routed on approximate lengths (characters / 4).
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -171,6 +173,30 @@ class TenancySettings:
     admin_port: int = defaults.ADMIN_PORT
     #: File holding the admin API's bearer token (or env ``BRICKYARD_ADMIN_TOKEN``); unset: no admin API.
     admin_token_file: str | None = None
+
+
+@dataclass
+class KvEventSettings:
+    """The engines' own KV-cache events (vLLM's ``--kv-events-config``), read into the exact prefix index
+    that ``prefix-cache``, ``prefix-cache-and-load`` and the ``inference-extension`` preset prefer for
+    every pod whose events are live (docs/routing.md)."""
+
+    #: Subscribe to every discovered pod's events. The engines publish on ``tcp://*:<port>``.
+    enabled: bool = False
+    #: Port of each engine's event publisher; a pod's ``brickyard.dev/kv-events-port`` annotation wins.
+    port: int = defaults.KV_EVENTS_PORT
+    #: Port of each engine's replay socket (vLLM's ``replay_endpoint``), asked for the history on
+    #: subscription and for missed batches after a gap; 0: none. Annotation
+    #: ``brickyard.dev/kv-events-replay-port`` wins.
+    replay_port: int = 0
+    #: Seconds a replay may take before the pod is left to heal on its own.
+    replay_timeout_seconds: float = 2.0
+    #: After a gap no replay closed (or a subscription that joined late), the pod is routed on the
+    #: approximate index for this long: what was missed heals as blocks are stored and evicted again.
+    resync_seconds: float = 30.0
+    #: A routed prompt's blocks count as held by the chosen pod for this long before its events confirm
+    #: them, so a burst of one new prefix does not scatter.
+    speculative_seconds: float = 2.0
 
 
 @dataclass
@@ -224,6 +250,8 @@ class GatewaySettings:
     observe_response_status: bool = False
     #: API keys, limits and usage accounting (need ``redis_url``).
     tenancy: TenancySettings = field(default_factory=TenancySettings)
+    #: The engines' KV-cache events, for exact prefix-aware routing.
+    kv_events: KvEventSettings = field(default_factory=KvEventSettings)
     #: What the engines see of credentials: the clients' stripped, the gateway's own key added.
     engine_credentials: EngineCredentialSettings = field(default_factory=EngineCredentialSettings)
     #: Log level; ``debug`` logs one line per request.

@@ -15,7 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway_plugins.discovery.registry import PodRegistry
+from gateway_plugins.kv_events.feed import KvEventFeed
 from gateway_plugins.pod_metrics_store import PodMetricsStore
+from gateway_plugins.routing.kv_index import PodSync
 from gateway_plugins.routing.router import Router
 from gateway_plugins.tenancy.gate import Tenancy
 
@@ -86,11 +88,13 @@ class PodCollector(Collector):
         router: Router,
         store: PodMetricsStore | None = None,
         tenancy: Tenancy | None = None,
+        kv_feed: KvEventFeed | None = None,
     ) -> None:
         self.pods = pods
         self.router = router
         self.store = store
         self.tenancy = tenancy
+        self.kv_feed = kv_feed
 
     def collect(self) -> Iterator[Metric]:
         labels = ["namespace", "pod", "model"]
@@ -138,6 +142,26 @@ class PodCollector(Collector):
         for strategy, count in self.router.fallback_decisions.items():
             fallbacks.add_metric([strategy], count)
         yield fallbacks
+        prefix = CounterMetricFamily(
+            "brickyard_prefix_decisions",
+            "Decisions of prefix-aware strategies by the index the chosen pod was matched on: exact (the "
+            "engine's own KV-cache events) or approximate (what this gateway sent it).",
+            labels=["index"],
+        )
+        for index, count in self.router.prefix_decisions.items():
+            prefix.add_metric([index], count)
+        yield prefix
+        tokenizers = GaugeMetricFamily(
+            "brickyard_model_tokenizer",
+            "1 for each model whose own tokenizer this gateway loaded: its prompts' lengths and token blocks "
+            "are exact; any other model's are estimated from its text.",
+            labels=["model"],
+        )
+        for model in self.router.tokenizers:
+            tokenizers.add_metric([model], 1)
+        yield tokenizers
+        if self.kv_feed is not None:
+            yield from _kv_event_metrics(self.kv_feed)
         yield CounterMetricFamily(
             "brickyard_routing_unknown_metrics_decisions",
             "Decisions by a metrics-reading strategy while a candidate pod's metrics were unknown or stale.",
@@ -187,3 +211,44 @@ def metrics_app(registry: CollectorRegistry) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     return app
+
+
+def _kv_event_metrics(feed: KvEventFeed) -> Iterator[Metric]:
+    index = feed.index
+    pods = GaugeMetricFamily(
+        "brickyard_kv_index_pods",
+        "Pods in the exact prefix index by sync state: live (routed on their events) or uncertain (routed "
+        "approximately after a gap, until it heals).",
+        labels=["state"],
+    )
+    states = list(index.sync_states().values())
+    for state in PodSync:
+        pods.add_metric([state.value], states.count(state))
+    yield pods
+    blocks = GaugeMetricFamily(
+        "brickyard_kv_index_blocks",
+        "Blocks the pod's engine holds, per its KV-cache events.",
+        labels=["namespace", "pod"],
+    )
+    for state in feed.registry.states():
+        blocks.add_metric([state.namespace, state.name], index.blocks_held(state))
+    yield blocks
+    for name, value, text in (
+        ("brickyard_kv_event_batches", feed.batches, "KV-event batches applied to the exact index."),
+        (
+            "brickyard_kv_event_replays",
+            feed.replays,
+            "Replays asked of engines (on subscription and after gaps).",
+        ),
+        ("brickyard_kv_event_replay_failures", feed.replay_failures, "Replays that timed out or failed."),
+        ("brickyard_kv_event_gaps", index.gaps, "Gaps in a pod's event sequence that no replay closed."),
+        ("brickyard_kv_event_blocks_stored", index.stored_blocks, "Blocks the engines reported stored."),
+        ("brickyard_kv_event_blocks_removed", index.removed_blocks, "Blocks the engines reported evicted."),
+        ("brickyard_kv_event_malformed", feed.malformed, "KV-event messages that could not be decoded."),
+        (
+            "brickyard_kv_event_orphan_blocks",
+            index.orphan_blocks,
+            "Stored blocks whose parent the index never saw (stored before its history began): not indexed.",
+        ),
+    ):
+        yield CounterMetricFamily(name, text, value=value)

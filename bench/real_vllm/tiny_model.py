@@ -31,10 +31,60 @@ CACHE = Path(
 
 VOCAB = 1024
 MAX_POSITIONS = 2048
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+# A template shaped like the real ones (Llama 3, Mistral, Qwen): an optional leading system message (and
+# the tools, as JSON) in a block of their own, strict role order enforced with raise_exception, assistant
+# turns closed by EOS and their tool calls as JSON, whitespace control throughout. Content is read as a
+# string (vLLM's "string" content format: text parts arrive joined by newlines). A lone user message renders
+# as it always did here: "<s><|user|>\n{content}\n<|assistant|>\n".
+CHAT_TEMPLATE = """\
+{%- set ns = namespace(system='', offset=0, previous='') -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set ns.system = messages[0]['content'] | trim -%}
+    {%- set ns.offset = 1 -%}
+{%- endif -%}
+{{- bos_token -}}
+{%- if ns.system or tools -%}
+    {{- '<|system|>\n' + ns.system -}}
+    {%- if tools -%}
+        {%- if ns.system %}{{ '\n\n' }}{% endif -%}
+        {{- 'Tools you may call, one JSON object per line:' -}}
+        {%- for tool in tools -%}
+            {{- '\n' + tool | tojson -}}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- '\n' -}}
+{%- endif -%}
+{%- for message in messages[ns.offset:] -%}
+    {%- set role = message['role'] -%}
+    {%- if role not in ['user', 'assistant', 'tool', 'system'] -%}
+        {{- raise_exception('Unknown role: ' + role) -}}
+    {%- elif role == 'system' -%}
+        {{- raise_exception('A system message may only come first') -}}
+    {%- elif loop.first and role != 'user' -%}
+        {{- raise_exception('The conversation must start with a user message') -}}
+    {%- elif role == ns.previous and role != 'tool' -%}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+    {%- elif role == 'tool' and ns.previous not in ['assistant', 'tool'] -%}
+        {{- raise_exception('A tool result must follow an assistant message') -}}
+    {%- endif -%}
+    {%- if role == 'assistant' -%}
+        {{- '<|assistant|>\n' + message['content'] -}}
+        {%- if message.tool_calls is defined and message.tool_calls -%}
+            {%- for call in message.tool_calls -%}
+                {%- set payload = {'name': call.function.name, 'arguments': call.function.arguments} -%}
+                {{- '\n<call>' + payload | tojson + '</call>' -}}
+            {%- endfor -%}
+        {%- endif -%}
+        {%- if not loop.last or add_generation_prompt %}{{ eos_token + '\n' }}{% endif -%}
+    {%- else -%}
+        {{- '<|' + role + '|>\n' + message['content'] + '\n' -}}
+    {%- endif -%}
+    {%- set ns.previous = role -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>\n' -}}
+{%- endif -%}
+"""
 SPECIAL = ["<s>", "</s>", "<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 TRAINING_TEXT = (
     "the a of and to in is it that for on with as was by at from this be are or an which have not "
@@ -59,7 +109,11 @@ def build_tokenizer(out: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # BOS before a completions prompt (add_special_tokens=True), as Llama 3's tokenizer.json does; a chat
+    # prompt gets it from the template instead (vLLM encodes rendered chats with add_special_tokens=False).
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL.index("<s>"))]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB,
         special_tokens=SPECIAL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from operator import attrgetter
 
-from emulator.engine.kv_cache import KVCacheManager
+from emulator.engine.kv_cache import KVCacheEvent, KVCacheManager
 from emulator.engine.lora import LoraSlots
 from emulator.engine.metrics import EngineMetrics, EngineStats
 from emulator.engine.request import FINISHED_ABORT, FINISHED_LENGTH, Request, RequestResult, RequestState
@@ -161,9 +161,43 @@ class EngineCore:
         self._count_finished(FINISHED_ABORT)
         return RequestResult.of(state, now, FINISHED_ABORT)
 
+    def cached_tokens(self, request_id: str) -> int:
+        """Prompt tokens of a scheduled, unfinished request that were prefix-cache hits (0 otherwise)."""
+        state = self._requests.get(request_id)
+        return max(state.num_cached_tokens, 0) if state is not None else 0
+
     @property
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    # -- prefix cache and its events ----------------------------------------------------------------------
+
+    def enable_kv_events(self) -> None:
+        """Record every prefix-cache change from now on, for ``take_kv_events`` (vLLM's
+        ``enable_kv_cache_events``). Off by default: the fleet simulator pays nothing for it."""
+        if self.kv.pool.events is None:
+            self.kv.pool.events = []
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        """The prefix-cache changes since the last call, in the order they happened (empty when disabled).
+
+        The live engine takes them after each ``step``: one step's events are one published batch, as
+        vLLM's scheduler publishes them at the end of each step. After ``advance`` they span its steps.
+        """
+        pool = self.kv.pool
+        events = pool.events
+        if not events:
+            return []
+        pool.events = []
+        return events
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Drop every cached prefix, as vLLM's ``/reset_prefix_cache``: refused (False) while requests hold
+        blocks, unless ``reset_running_requests``, which first preempts them all (they recompute later; as
+        in vLLM, these preemptions are not counted in ``num_preemptions``)."""
+        if reset_running_requests:
+            self.scheduler.preempt_all()
+        return self.kv.reset_prefix_cache()
 
     # -- stepping -----------------------------------------------------------------------------------------
 

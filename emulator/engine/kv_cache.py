@@ -4,6 +4,11 @@ Blocks hold ``block_size`` tokens. A full block is named by a chain hash of its 
 and the LoRA adapter, so equal prefixes (under the same adapter) map to equal names. Blocks nobody uses stay
 cached in an LRU free queue until an allocation needs them: a request frees its blocks tail first, so the
 private end of a prompt is evicted before the shared head.
+
+With ``BlockPool.events`` set to a list, every change to the prefix cache is appended to it as it happens,
+in vLLM's KV-event terms (``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared``; ``emulator/kv_events.py``
+publishes them). Left ``None`` (the fleet simulator), recording costs one ``None`` check per eviction or
+naming and nothing else.
 """
 
 from __future__ import annotations
@@ -16,6 +21,45 @@ from emulator.engine.request import RequestState, reply_windows
 
 #: Parent hash of a request's first block.
 NONE_HASH = 0
+
+#: Events carry block hashes as unsigned 64-bit ints, as vLLM does (it keeps the low 64 bits of its hashes).
+_UINT64 = (1 << 64) - 1
+
+
+def external_hash(block_hash: int) -> int:
+    """A block hash as KV events carry it: Python's signed 64-bit hash mapped onto unsigned 64 bits."""
+    return block_hash & _UINT64
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Consecutive blocks of one request entered the prefix cache (vLLM's event of the same name).
+
+    ``token_ids`` are all their tokens, concatenated; ``parent_block_hash`` is the hash of the block before
+    the first one, None for a request's first block. Hashes are ``external_hash`` values.
+    """
+
+    block_hashes: tuple[int, ...]
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...]
+    block_size: int
+    lora_id: int | None
+    lora_name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """A cached block lost its name to an allocation (eviction); one event per block, as vLLM sends them."""
+
+    block_hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """The prefix cache was reset."""
+
+
+KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 def hash_block(parent: int, token_ids: tuple[int, ...], lora_id: int) -> int:
@@ -44,6 +88,8 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         #: block -> references beyond the first, for blocks several requests hold.
         self.shared: dict[int, int] = {}
+        #: Prefix-cache changes in the order they happened, when someone listens (see the module docstring).
+        self.events: list[KVCacheEvent] | None = None
 
     @property
     def ref_cnt(self) -> _RefCounts:
@@ -77,6 +123,8 @@ class BlockPool:
             if cached_hash is not None:
                 block_hash[block] = None
                 del cached[cached_hash]
+                if self.events is not None:
+                    self.events.append(BlockRemoved(cached_hash & _UINT64))
         return blocks
 
     def allocate_one(self) -> int:
@@ -86,6 +134,8 @@ class BlockPool:
         if cached_hash is not None:
             self.block_hash[block] = None
             del self.cached[cached_hash]
+            if self.events is not None:
+                self.events.append(BlockRemoved(cached_hash & _UINT64))
         return block
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -104,11 +154,23 @@ class BlockPool:
             else:
                 shared[block] = extra - 1
 
-    def cache(self, block: int, block_hash: int) -> None:
-        """Name a block that just became full, unless another block already holds that prefix."""
-        if block_hash not in self.cached:
-            self.cached[block_hash] = block
-            self.block_hash[block] = block_hash
+    def cache(self, block: int, block_hash: int) -> bool:
+        """Name a block that just became full, unless another block already holds that prefix (False)."""
+        if block_hash in self.cached:
+            return False
+        self.cached[block_hash] = block
+        self.block_hash[block] = block_hash
+        return True
+
+    def reset(self) -> bool:
+        """Forget every name (vLLM's ``reset_prefix_cache``); refused (False) while any block is held."""
+        if len(self.free_queue) != self.num_blocks:
+            return False
+        self.cached.clear()
+        self.block_hash[:] = [None] * self.num_blocks
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
+        return True
 
 
 class _RefCounts:
@@ -221,13 +283,42 @@ class KVCacheManager:
                 cached[block_hash] = block
                 names[block] = block_hash
         request.num_cached_blocks = num_full
+        if self.pool.events is not None:
+            self.record_stored(request, start, num_full)
 
     def cache_next_block(self, request: RequestState) -> None:
         """``cache_full_blocks`` for a decode whose token just filled the block after its cached ones."""
         index = request.num_cached_blocks
         self._hash_blocks(request, index + 1)
-        self.pool.cache(request.block_ids[index], request.block_hashes[index])
+        pool = self.pool
+        if pool.cache(request.block_ids[index], request.block_hashes[index]) and pool.events is not None:
+            self.record_stored(request, index, index + 1)
         request.num_cached_blocks = index + 1
+
+    def record_stored(self, request: RequestState, start: int, end: int) -> None:
+        """``BlockStored`` events for the request's blocks ``start .. end-1`` that were just named.
+
+        A block whose name another block already held stays unnamed (one block per hash), so it is left
+        out, splitting the run: what was stored minus what was removed is always exactly the cached set.
+        """
+        events = self.pool.events
+        assert events is not None
+        names, block_ids, hashes = self.pool.block_hash, request.block_ids, request.block_hashes
+        block_size, lora = self.block_size, request.lora
+        lora_id = request.lora_id if lora is not None else None
+        run: list[int] = []
+        tokens: list[int] = []
+        first = start
+        for index in range(start, end + 1):
+            if index < end and names[block_ids[index]] == hashes[index]:
+                if not run:
+                    first = index
+                run.append(hashes[index] & _UINT64)
+                tokens.extend(request.token_ids(index * block_size, (index + 1) * block_size))
+            elif run:
+                parent = hashes[first - 1] & _UINT64 if first else None
+                events.append(BlockStored(tuple(run), parent, tuple(tokens), block_size, lora_id, lora))
+                run, tokens = [], []
 
     def hash_ahead(self, request: RequestState) -> None:
         """Hash every block the request will fill, reply included (its reply is fixed by its prompt).
@@ -239,6 +330,10 @@ class KVCacheManager:
         if self.enable_caching:
             last_computed = request.num_prompt_tokens + request.max_tokens - 1
             self._hash_blocks(request, last_computed // self.block_size)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix; False (nothing changes) while a request holds blocks, as in vLLM."""
+        return self.pool.reset()
 
     def free(self, request: RequestState) -> None:
         """Release a finished or preempted request's blocks, tail first (evicted first)."""

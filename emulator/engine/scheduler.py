@@ -270,6 +270,9 @@ class Scheduler:
                 cached[name] = block
                 block_hash[block] = name
                 request.num_cached_blocks = index + 1
+            if pool.events is not None:
+                for request in fills:
+                    kv.record_stored(request, request.num_cached_blocks - 1, request.num_cached_blocks)
         if allocating:
             for request, block in zip(allocating.values(), pool.allocate(len(allocating)), strict=True):
                 request.block_ids.append(block)
@@ -347,7 +350,15 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt_last(self, request: RequestState, preempted: list[RequestState]) -> bool:
+    def preempt_all(self) -> list[RequestState]:
+        """Preempt every running request, last admitted first, so the waiting queue keeps their order (what
+        vLLM's ``reset_prefix_cache(reset_running_requests=True)`` does before resetting)."""
+        preempted: list[RequestState] = []
+        while self._running:
+            self._preempt_last(None, preempted)
+        return preempted
+
+    def _preempt_last(self, request: RequestState | None, preempted: list[RequestState]) -> bool:
         """Preempt the last admitted running request (recompute mode); False if that was ``request``."""
         seq, victim = self._running.popitem()
         if self._individual.pop(seq, None) is None:

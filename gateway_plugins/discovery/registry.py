@@ -200,6 +200,10 @@ class PodRegistry:
     def states(self) -> list[PodState]:
         return list(self._states.values())
 
+    def infos(self) -> list[PodInfo]:
+        """Every pod discovery reports, ready or not, as it reports it (annotations included)."""
+        return list(self._infos.values())
+
     def state(self, namespace: str, name: str) -> PodState | None:
         return self._states.get((namespace, name))
 

@@ -44,6 +44,13 @@ STRIPPED_REQUEST_HEADERS = frozenset(
 )
 
 
+#: Response headers of a prefix-aware decision (``PrefixPrediction``): the index the chosen pod was matched
+#: on, the prompt tokens the engine is expected to report cached, and the approximate index's guess.
+PREFIX_INDEX_HEADER = "x-brickyard-prefix-index"
+PREDICTED_CACHED_HEADER = "x-brickyard-predicted-cached-tokens"
+APPROXIMATE_CACHED_HEADER = "x-brickyard-approximate-cached-tokens"
+
+
 def decision_metadata(decision: Decision) -> dict[str, Any]:
     pod = decision.pod
     fields = {"pod": pod.name, "pod_ip": pod.address, "strategy": decision.strategy}
@@ -126,14 +133,22 @@ CONTRACTS: Mapping[str, type[Contract]] = {c.name: c for c in (AIBrixContract, E
 
 def response_headers_reply(decision: Decision | None, request_id: str, extra: dict[str, str]) -> bytes:
     """Tell the client which pod served it (when Envoy sends the response headers): the AIBrix response
-    headers, whatever the contract, plus ``extra`` (the tenant's rate-limit headers)."""
+    headers, whatever the contract, plus ``extra`` (the tenant's rate-limit headers). A prefix-aware
+    decision adds the index it matched on and the prompt tokens it expects the engine to report cached
+    (``usage.prompt_tokens_details.cached_tokens``), so a client can check one against the other."""
     headers = {**extra, "request-id": request_id}
     if decision is not None:
+        request = decision.request
         headers["target-pod"] = decision.pod.name
         headers["target-pod-ip"] = decision.pod.address
         headers["routing-strategy"] = decision.strategy
-        if decision.request.bound_session is not None:
-            headers["x-session-id"] = decision.request.bound_session
+        if request.bound_session is not None:
+            headers["x-session-id"] = request.bound_session
+        predicted = request.predicted
+        if predicted is not None:
+            headers[PREFIX_INDEX_HEADER] = predicted.index
+            headers[PREDICTED_CACHED_HEADER] = str(predicted.cached_tokens)
+            headers[APPROXIMATE_CACHED_HEADER] = str(predicted.approximate_tokens)
     return messages.reply("response_headers", messages.header_mutation(headers))
 
 

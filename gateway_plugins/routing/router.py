@@ -17,7 +17,7 @@ from gateway_plugins.routing.strategies import (
     canonical_name,
     parse_weighted,
 )
-from gateway_plugins.routing.types import PodState, RoutingRequest
+from gateway_plugins.routing.types import PodState, PromptTokenizer, RoutingRequest
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class Router:
     The router counts what its committed decisions were made on (strategies only score): the decisions
     a strategy's fallback rule made, and those made while a candidate's metrics were unknown.
     ``rng`` breaks ties between equal scores (default: a new, unseeded one; the simulator seeds it).
+    ``tokenizers`` holds each base model's own tokenizer: a request is tokenized with that of the model
+    its candidates serve (an adapter's requests with their base model's), when a strategy asks.
     """
 
     def __init__(
@@ -59,8 +61,10 @@ class Router:
         default_strategy: str,
         model_strategies: Mapping[str, str] | None = None,
         rng: random.Random | None = None,
+        tokenizers: Mapping[str, PromptTokenizer] | None = None,
     ) -> None:
         self.registry = registry
+        self.tokenizers = dict(tokenizers or {})
         self.strategies = dict(strategies)
         self.rng = rng or random.Random()
         self._combinations: dict[str, Strategy] = {}
@@ -83,6 +87,9 @@ class Router:
         #: Decisions each strategy's explicit fallback rule made, by strategy label (an alias counts for
         #: its strategy; a combination's part for the part): every strategy's count starts at 0.
         self.fallback_decisions = dict.fromkeys((s.name for s in self.strategies.values()), 0)
+        #: Decisions of prefix-aware strategies by the index the chosen pod was matched on: ``exact`` (the
+        #: engine's own KV events) or ``approximate`` (what this gateway sent it).
+        self.prefix_decisions = {"exact": 0, "approximate": 0}
 
     def lookup(self, name: str) -> Strategy:
         """A strategy, preset or weighted combination by name; ``ValueError`` if there is none."""
@@ -174,18 +181,22 @@ class Router:
     ) -> Decision:
         """Pick a pod (and up to ``fallbacks`` alternates) and count the request in flight."""
         pods = self.candidates(request.model, subset)
+        if request.tokenizer is None:
+            request.tokenizer = self.tokenizers.get(pods[0].model)
         if strategy is None:
             strategy = self.strategy_for(request.model, profile, pods[0].model)
         scores = strategy.score(request, pods)
         order = rank(scores, self.rng, 1 + fallbacks)
         chosen = pods[order[0]]
-        tokens = request.prompt_tokens
+        tokens = request.prompt_tokens_so_far
         strategy.on_routed(request, chosen)
         # Nothing below can fail: only a request that is routed counts, in flight (``release`` undoes it)
         # and in the decision counters.
         chosen.inflight += 1
         chosen.routed_since_record += 1
         chosen.tokens_since_record += tokens
+        if request.predicted is not None:
+            self.prefix_decisions[request.predicted.index] += 1
         if strategy.uses_metrics and any(pod.metrics is None for pod in pods):
             self.decisions_with_unknown_metrics += 1
         if isinstance(scores, FallbackScores):

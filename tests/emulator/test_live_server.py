@@ -18,7 +18,8 @@ from emulator import tokens
 from emulator.engine import EngineCore
 from emulator.live import LiveEngine
 from emulator.profile import load_profile
-from emulator.server import EmulatorApp, chat_prompt
+from emulator.server import EmulatorApp
+from emulator.tokens import chat_prompt
 
 MODEL = "llama-test"
 

@@ -420,7 +420,7 @@ def test_observe_response_status_gives_every_request_its_code(
     assert ok.headers["target-pod"].startswith("tenancy-engine-")
     bad = httpx.post(
         f"http://127.0.0.1:{port}/v1/chat/completions",
-        json={"model": MODEL, "messages": CHAT, "max_tokens": -1},
+        json={"model": MODEL, "messages": CHAT, "max_tokens": 0},
     )
     assert bad.status_code == 400  # the engine's own refusal, seen by the gateway on the way back
     labels = {"model": MODEL, "strategy": "least-request"}

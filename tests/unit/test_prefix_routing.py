@@ -1,8 +1,6 @@
 """The approximate prefix index and the two strategies that read it."""
 
-import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +12,8 @@ from gateway_plugins.routing.strategies.prefix import (
     PrefixCacheAndLoadStrategy,
     PrefixCacheStrategy,
     PrefixIndex,
-    load_tokenizer,
 )
-from gateway_plugins.routing.types import PodState, RoutingRequest
+from gateway_plugins.routing.types import PodState, Prompt, PromptKind, RoutingRequest
 
 
 class Clock:
@@ -129,28 +126,26 @@ def test_a_removed_pod_leaves_the_index(index: PrefixIndex) -> None:
     assert index.size() == 0
 
 
-def test_word_level_tokenizer_gives_token_blocks(tmp_path: Path, clock: Clock) -> None:
-    vocab = {f"w{i}": i for i in range(64)} | {"[UNK]": 64}
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    }
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(spec))
-    tokenize = load_tokenizer(str(path))
-    assert list(tokenize("w1 w2 w63")) == [1, 2, 63]
-    index = PrefixIndex(PrefixCacheSettings(block_tokens=2), clock, tokenize)
-    request = text_request("w1 w2 w3 w4 w5")
+class WordTokenizer:
+    """``w<i>`` words to id i: a model tokenizer as the router hands one to requests."""
+
+    def encode_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [int(word[1:]) for word in text.split()]
+
+    def encode_chat(self, messages, **options) -> list[int]:  # type: ignore[no-untyped-def]
+        return self.encode_text(" ".join(m["content"] for m in messages))
+
+
+def test_a_model_tokenizer_gives_token_blocks(clock: Clock) -> None:
+    index = PrefixIndex(PrefixCacheSettings(block_tokens=2), clock)
+    request = RoutingRequest(
+        "m", prompt=Prompt(PromptKind.TEXT, texts=("w1 w2 w3 w4 w5",)), tokenizer=WordTokenizer()
+    )
     hashes = index.block_hashes(request)
     assert request.prompt_token_ids == [1, 2, 3, 4, 5]
+    assert request.prompt_tokens == 5
     assert hashes == index.block_hashes(ids_request([1, 2, 3, 4, 9]))
+    assert hashes != index.block_hashes(text_request("w1 w2 w3 w4 w5"))  # no tokenizer: text blocks
 
 
 # -- prefix-cache ----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from brickyard_core.podmetrics import PodMetrics
 from gateway_plugins.config import LoadGuardSettings, RoutingSettings
+from gateway_plugins.routing.kv_index import KvBlockIndex
 from gateway_plugins.routing.types import PodState, RoutingRequest
 
 T = TypeVar("T")
@@ -61,6 +62,8 @@ class StrategyContext:
     rng: random.Random
     #: ``routing.plugins.<name>`` of the strategy being built (read-only): a plugin's own settings.
     options: Mapping[str, Any]
+    #: The engines' own prefix caches from their KV events; None where no engine's events are read.
+    kv_index: KvBlockIndex | None = None
     #: Objects the strategies of one build share, by key (``shared``); ``replace`` keeps the same dict.
     _shared: dict[object, Any] = field(default_factory=dict, repr=False)
 

@@ -2,7 +2,7 @@
 
 Each user (the ``user`` header; requests without one share the anonymous counter, so dropping the
 header is no way out) has a counter of the tokens routed for it: the prompt's tokens plus the expected
-output (``max_tokens``, else ``expected_output_tokens``), charged when the request is routed and
+output (``n`` x ``max_tokens``, else x ``expected_output_tokens``), charged when the request is routed and
 halving every ``half_life_seconds``. A user is *active* while it has requests in flight (the
 backlogged flows of fair queueing); the requesting user counts as active. The fair share is the
 active users' mean counter:
@@ -108,7 +108,7 @@ class VirtualTokenCounterStrategy:
         return max(1, math.ceil(pods * fair / tenant.tokens))
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
-        output = request.max_tokens if request.max_tokens is not None else self.expected_output_tokens
+        output = request.output_tokens(self.expected_output_tokens)
         charge = (request.prompt_tokens + output) * self._units(self.clock())
         user = request.user or ""
         tenant = self._tenants.get(user)

@@ -135,5 +135,5 @@ class LeastLatencyStrategy(MetricsStrategy):
         prefill_time = max(0.0, metrics.ttft_mean - metrics.queue_mean)
         per_token = prefill_time / metrics.prompt_tokens_mean if metrics.prompt_tokens_mean else 0.0
         queue = (metrics.waiting + pod.routed_since_record) * prefill_time
-        output = request.max_tokens or DEFAULT_OUTPUT_TOKENS
+        output = request.max_tokens if request.max_tokens is not None else DEFAULT_OUTPUT_TOKENS
         return -(queue + request.prompt_tokens * per_token + output * metrics.tpot_mean)

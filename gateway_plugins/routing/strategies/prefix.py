@@ -2,7 +2,8 @@
 
 ``PrefixIndex`` is the gateway's approximate mirror of each engine's prefix
 cache. A prompt is cut into blocks (``block_tokens`` token ids when they are
-known, else ``block_tokens`` x 4 bytes of text); block i is identified by an
+known: the client sent ids or the model's tokenizer is configured; else ``block_tokens`` x 4 bytes of
+text); block i is identified by an
 xxhash64 chained through blocks 0..i and seeded by the model (or adapter) name,
 so equal hashes mean equal prefixes. When a pod is chosen, the prompt's blocks
 are recorded against it in a per-pod LRU; blocks expire after a TTL. Blocks are
@@ -33,11 +34,10 @@ from typing import ClassVar, Self
 import xxhash
 
 from gateway_plugins.config import LoadGuardSettings, PrefixCacheSettings
+from gateway_plugins.routing.kv_index import KvBlockIndex
 from gateway_plugins.routing.strategies.base import FallbackScores, Stateless, StrategyContext, overloaded
 from gateway_plugins.routing.strategies.registry import strategy
-from gateway_plugins.routing.types import CHARS_PER_TOKEN, PodState, RoutingRequest
-
-Tokenizer = Callable[[str], Sequence[int]]
+from gateway_plugins.routing.types import CHARS_PER_TOKEN, PodState, PrefixPrediction, RoutingRequest
 
 
 class PrefixIndex:
@@ -47,14 +47,12 @@ class PrefixIndex:
         self,
         settings: PrefixCacheSettings,
         clock: Callable[[], float],
-        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.block_tokens = settings.block_tokens
         self.max_blocks = settings.max_blocks
         self.capacity_blocks = settings.capacity_blocks
         self.ttl = settings.ttl_seconds
         self.clock = clock
-        self.tokenizer = tokenizer
         #: Per pod: block hash -> time last sent, least recently sent first.
         self._pods: weakref.WeakKeyDictionary[PodState, OrderedDict[int, float]] = weakref.WeakKeyDictionary()
         self._seeds: dict[str, int] = {}
@@ -65,8 +63,6 @@ class PrefixIndex:
         if hashes is not None:
             return hashes
         ids = request.prompt_token_ids
-        if ids is None and self.tokenizer is not None:
-            ids = request.prompt_token_ids = self.tokenizer(request.prompt_text)
         if ids is not None:
             data = array("I", ids[: self.block_tokens * self.max_blocks]).tobytes()
             step = 4 * self.block_tokens
@@ -147,29 +143,129 @@ class PrefixIndex:
     def shared(context: StrategyContext) -> PrefixIndex:
         """The one index every strategy of a gateway reads (and teaches), whatever number use it."""
         settings = context.settings.prefix_cache
+        return context.shared(PrefixIndex, lambda: PrefixIndex(settings, context.clock))
+
+
+class PrefixMatcher:
+    """How many of a prompt's tokens each pod holds: from the engines' own events (``KvBlockIndex``) for
+    pods whose events are live and the prompt's token ids are known, from the approximate index otherwise.
+
+    Matches are in tokens, capped as the engine caps a prefix hit (never the prompt's last token, in
+    whole blocks), so pods of either kind compare. Leaves on the request which index the chosen pod was
+    matched on and what it is expected to report as cached (``RoutingRequest.predicted``).
+    """
+
+    def __init__(self, approximate: PrefixIndex, exact: KvBlockIndex | None) -> None:
+        self.approximate = approximate
+        self.exact = exact
+
+    @staticmethod
+    def shared(context: StrategyContext) -> PrefixMatcher:
+        """The one matcher (and indexes) every prefix strategy of a gateway reads and teaches."""
         return context.shared(
-            PrefixIndex,
-            lambda: PrefixIndex(
-                settings, context.clock, load_tokenizer(settings.tokenizer) if settings.tokenizer else None
-            ),
+            PrefixMatcher, lambda: PrefixMatcher(PrefixIndex.shared(context), context.kv_index)
         )
+
+    def matched_tokens(self, request: RoutingRequest, pods: Sequence[PodState]) -> list[int]:
+        """Per pod, the prompt tokens it holds (memoised per request and candidate list)."""
+        memo = request.memo.get(self)
+        if memo is not None and memo[0] is pods:
+            return memo[1]
+        by_position = self._exact_pods(request, pods)
+        others = [i for i in range(len(pods)) if i not in by_position]
+        if others:
+            guessed = self._approximate(request, [pods[i] for i in others])
+            by_position.update(zip(others, guessed, strict=True))
+        matched = [by_position[i] for i in range(len(pods))]
+        request.memo[self] = (pods, matched)
+        return matched
+
+    def _approximate(self, request: RoutingRequest, pods: Sequence[PodState]) -> list[int]:
+        index = self.approximate
+        step, cap = index.block_tokens, max(0, request.prompt_tokens - 1)
+        return [min(blocks * step, cap) for blocks in index.matched_blocks(index.block_hashes(request), pods)]
+
+    def _exact_pods(self, request: RoutingRequest, pods: Sequence[PodState]) -> dict[int, int]:
+        """Matched tokens of the pods routed on the exact index, by position."""
+        index = self.exact
+        if index is None:
+            return {}
+        live = [i for i, pod in enumerate(pods) if index.live(pod)]
+        if not live or request.prompt_token_ids is None:
+            return {}
+        result: dict[int, int] = {}
+        for size, positions in _by_block_size(index, pods, live).items():
+            names = self._names(request, size, pods[positions[0]])
+            cap = (len(request.prompt_token_ids) - 1) // size
+            for i, blocks in zip(
+                positions, index.matched_blocks(names, [pods[i] for i in positions]), strict=True
+            ):
+                result[i] = min(blocks, cap) * size
+        return result
+
+    def _names(self, request: RoutingRequest, size: int, pod: PodState) -> list[int]:
+        key = (self, size)
+        names = request.memo.get(key)
+        if names is None:
+            ids = request.prompt_token_ids
+            assert ids is not None and self.exact is not None
+            adapter = request.model if request.model != pod.model else None
+            names = request.memo[key] = self.exact.block_names(ids, size, adapter)
+        return names
+
+    def record(self, request: RoutingRequest, pod: PodState) -> None:
+        """``pod`` was chosen: predict what its engine will report cached, and teach both indexes."""
+        approximate = self.approximate
+        guessed = self._approximate(request, [pod])[0]
+        index = self.exact
+        if index is not None and index.live(pod) and request.prompt_token_ids is not None:
+            size = index.block_size(pod)
+            names = self._names(request, size, pod)
+            confirmed = index.matched_blocks(names, [pod], speculative=False)[0]
+            cached = min(confirmed, (len(request.prompt_token_ids) - 1) // size) * size
+            request.predicted = PrefixPrediction("exact", cached, guessed // size * size)
+            index.speculate(names, pod)
+        else:
+            size = pod.metrics.block_size if pod.metrics is not None and pod.metrics.block_size else 1
+            guessed = guessed // size * size  # engines hit whole blocks
+            request.predicted = PrefixPrediction("approximate", guessed, guessed)
+        approximate.record(approximate.block_hashes(request), pod)
+
+
+def _by_block_size(
+    index: KvBlockIndex, pods: Sequence[PodState], positions: Sequence[int]
+) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i in positions:
+        groups.setdefault(index.block_size(pods[i]), []).append(i)
+    return groups
 
 
 class _PrefixLearner(Stateless):
-    """Reads the shared index within the load guard; records the prompt against the chosen pod."""
+    """Reads the shared matcher within the load guard; teaches it the chosen pod."""
 
-    def __init__(self, index: PrefixIndex, settings: PrefixCacheSettings, guard: LoadGuardSettings) -> None:
-        self.index = index
+    def __init__(
+        self,
+        index: PrefixIndex,
+        settings: PrefixCacheSettings,
+        guard: LoadGuardSettings,
+        exact: KvBlockIndex | None = None,
+        *,
+        matcher: PrefixMatcher | None = None,
+    ) -> None:
+        self.matcher = matcher or PrefixMatcher(index, exact)
+        self.index = self.matcher.approximate
         self.min_match_ratio = settings.min_match_ratio
         self.guard = guard
 
     @classmethod
     def from_settings(cls, context: StrategyContext) -> Self:
         settings = context.settings
-        return cls(PrefixIndex.shared(context), settings.prefix_cache, settings.load_guard)
+        matcher = PrefixMatcher.shared(context)
+        return cls(matcher.approximate, settings.prefix_cache, settings.load_guard, matcher=matcher)
 
     def on_routed(self, request: RoutingRequest, pod: PodState) -> None:
-        self.index.record(self.index.block_hashes(request), pod)
+        self.matcher.record(request, pod)
 
 
 @strategy("prefix-cache")
@@ -177,16 +273,15 @@ class PrefixCacheStrategy(_PrefixLearner):
     """Longest cached prefix, within the load guard; least in-flight requests otherwise."""
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
-        hashes = self.index.block_hashes(request)
-        matched = self.index.matched_blocks(hashes, pods)
+        matched = self.matcher.matched_tokens(request, pods)
         guard = overloaded(pods, self.guard)
         least = min(pod.load for pod in pods)
         spread = max(pod.load for pod in pods) - least + 1
-        floor = self.min_match_ratio * len(hashes)
-        # Whole matched blocks dominate; within equal matches, lighter load wins (the fraction is < 1).
+        floor = self.min_match_ratio * request.prompt_tokens
+        # Whole matched tokens dominate; within equal matches, lighter load wins (the fraction is < 1).
         return [
-            (0 if blocked or blocks < floor else blocks) + (1 - (pod.load - least) / spread) / 2
-            for pod, blocks, blocked in zip(pods, matched, guard, strict=True)
+            (0 if blocked or tokens < floor else tokens) + (1 - (pod.load - least) / spread) / 2
+            for pod, tokens, blocked in zip(pods, matched, guard, strict=True)
         ]
 
 
@@ -203,7 +298,7 @@ class PrefixCacheAndLoadStrategy(_PrefixLearner):
     * queued prefill: (the engine's waiting requests x its mean prompt length + the prompt tokens
       routed to it since its record) x (1 - its prefix-cache hit rate); without a record, the requests
       in flight from this gateway x this prompt's length;
-    * uncached: this prompt's tokens minus the matched blocks' tokens (all of them past the guard);
+    * uncached: this prompt's tokens minus its matched tokens (all of them past the guard);
     * seconds per token: the pod's mean (ttft - queue time) / mean prompt length; the candidates' median
       when unknown (1 when none is known, so the cost is in tokens: the decision is a fallback).
     """
@@ -211,17 +306,16 @@ class PrefixCacheAndLoadStrategy(_PrefixLearner):
     uses_metrics: ClassVar[bool] = True
 
     def score(self, request: RoutingRequest, pods: Sequence[PodState]) -> Sequence[float]:
-        hashes = self.index.block_hashes(request)
-        matched = self.index.matched_blocks(hashes, pods)
+        matched = self.matcher.matched_tokens(request, pods)
         guard = overloaded(pods, self.guard)
-        matched = [0 if blocked else blocks for blocks, blocked in zip(matched, guard, strict=True)]
+        matched = [0 if blocked else tokens for tokens, blocked in zip(matched, guard, strict=True)]
         speeds = [_seconds_per_prefill_token(pod) for pod in pods]
         known = [s for s in speeds if s is not None]
         costs = self._costs(request, pods, matched, speeds, statistics.median(known) if known else 1.0)
         best = max(matched)
-        if best and best >= self.min_match_ratio * len(hashes):
+        if best and best >= self.min_match_ratio * request.prompt_tokens:
             scores = [
-                -cost if blocks == best else -math.inf for blocks, cost in zip(matched, costs, strict=True)
+                -cost if tokens == best else -math.inf for tokens, cost in zip(matched, costs, strict=True)
             ]
         else:
             scores = [-cost for cost in costs]
@@ -237,9 +331,8 @@ class PrefixCacheAndLoadStrategy(_PrefixLearner):
     ) -> list[float]:
         """Each pod's prefill cost; ``default`` seconds per token where its speed is unknown (None)."""
         tokens = request.prompt_tokens
-        block_tokens = self.index.block_tokens
         costs = []
-        for pod, blocks, speed in zip(pods, matched, speeds, strict=True):
+        for pod, cached, speed in zip(pods, matched, speeds, strict=True):
             metrics = pod.metrics
             if metrics is None:
                 queued = pod.inflight * tokens
@@ -247,7 +340,7 @@ class PrefixCacheAndLoadStrategy(_PrefixLearner):
                 queued = (metrics.waiting * metrics.prompt_tokens_mean + pod.tokens_since_record) * (
                     1 - metrics.prefix_hit_rate
                 )
-            uncached = max(0, tokens - blocks * block_tokens)
+            uncached = max(0, tokens - cached)
             costs.append((queued + uncached) * (default if speed is None else speed))
         return costs
 
@@ -258,17 +351,3 @@ def _seconds_per_prefill_token(pod: PodState) -> float | None:
         return None
     seconds = (metrics.ttft_mean - metrics.queue_mean) / metrics.prompt_tokens_mean
     return seconds if seconds > 0 and math.isfinite(seconds) else None
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """A Hugging Face ``tokenizer.json`` as a text -> token ids function (the ``tokenizers`` package)."""
-    try:
-        from tokenizers import Tokenizer as HfTokenizer
-    except ImportError as exc:
-        raise ValueError("prefix_cache.tokenizer needs the 'tokenizers' package") from exc
-    tokenizer = HfTokenizer.from_file(path)
-
-    def encode(text: str) -> Sequence[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-
-    return encode

@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import ClassVar, Protocol, TypeVar
 
 from gateway_plugins.config import RoutingSettings
+from gateway_plugins.routing.kv_index import KvBlockIndex
 from gateway_plugins.routing.strategies.base import Strategy, StrategyContext
 from gateway_plugins.routing.strategies.combined import parse_weighted
 
@@ -123,15 +124,17 @@ def build_strategies(
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
     plugins: Iterable[Registration] | None = None,
+    kv_index: KvBlockIndex | None = None,
 ) -> dict[str, Strategy]:
     """Fresh instances of every strategy, alias and preset, keyed by the name a client may send.
 
     ``rng``: the random source of every strategy (default: a new, unseeded one). ``plugins``: the
-    third-party strategies (default: ``installed_plugins()``). ``ValueError`` for what cannot work: a
-    bad preset, a plugin taking a name already registered.
+    third-party strategies (default: ``installed_plugins()``). ``kv_index``: the engines' prefix caches
+    from their KV events, for the prefix-aware strategies (None: they match approximately).
+    ``ValueError`` for what cannot work: a bad preset, a plugin taking a name already registered.
     """
     settings = settings or RoutingSettings()
-    context = StrategyContext(settings, clock, rng or random.Random(), MappingProxyType({}))
+    context = StrategyContext(settings, clock, rng or random.Random(), MappingProxyType({}), kv_index)
     strategies: dict[str, Strategy] = {}
     for registration in _BUILTINS.values():
         _add(strategies, registration, registration.factory(context))

@@ -1,4 +1,4 @@
-"""vLLM's KV-cache events over ZMQ: a subscriber, and a decoder into typed events.
+"""vLLM's KV-cache events: the wire format, decoded into typed events.
 
 A vLLM engine started with ``--kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq",
 "endpoint": ..., "topic": ...}'`` publishes, after each engine step that changed its prefix cache, one
@@ -13,35 +13,17 @@ whose first element is the type name, the fields following by position (trailing
 Both decode to the same dataclasses here; event types this module does not know are skipped, so a newer
 engine does not break an older gateway. Block hashes are kept as sent (``int``, or ``bytes`` in some
 releases).
-
-Who binds: vLLM's PUB socket binds only when its endpoint has a wildcard (``tcp://*:5557``) or is
-``ipc://``/``inproc://``; with a host address (``tcp://10.0.0.5:5557``) it *connects*. So either the
-subscriber binds one endpoint and every engine connects to it (give each engine its own ``topic``, for
-instance its pod name, to tell them apart), or the engines bind and the subscriber connects to each.
-
-Replay: with a ``replay_endpoint`` the engine binds a ROUTER socket that resends buffered batches from
-a sequence number on; ``KVEventSubscriber.replay`` asks it (after a gap in sequence numbers, say).
-
-Needs ``pyzmq`` and ``msgpack``; the gateway imports this module only when KV events are used.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import zmq
-import zmq.asyncio
-
-log = logging.getLogger(__name__)
 
 BlockHash = int | bytes
-
-#: The sequence number vLLM's replay socket sends after the last buffered batch.
-END_OF_REPLAY = -1
 
 
 class KVEventDecodeError(ValueError):
@@ -57,6 +39,8 @@ class BlockStored:
     lora_id: int | None = None
     medium: str | None = None  # "GPU", "CPU" (offloaded), ...; None from older engines
     lora_name: str | None = None
+    #: Per block, what besides tokens went into its hash (multimodal hashes, a cache salt); None if nothing.
+    extra_keys: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +98,7 @@ def decode_event(raw: Any) -> KVEvent | None:
                 lora_id=fields.get("lora_id"),
                 medium=fields.get("medium"),
                 lora_name=fields.get("lora_name"),
+                extra_keys=_extra_keys(fields.get("extra_keys")),
             )
         if kind == "BlockRemoved":
             return BlockRemoved(block_hashes=_hashes(fields["block_hashes"]), medium=fields.get("medium"))
@@ -122,6 +107,13 @@ def decode_event(raw: Any) -> KVEvent | None:
     except (KeyError, TypeError, ValueError) as exc:
         raise KVEventDecodeError(f"malformed {kind} event: {exc!r}") from exc
     return None
+
+
+def _extra_keys(values: Any) -> tuple[Any, ...] | None:
+    """None unless some block has extra keys (vLLM sends a list with one entry per block, None for none)."""
+    if not isinstance(values, list | tuple) or all(v is None for v in values):
+        return None
+    return tuple(values)
 
 
 def _hashes(values: Any) -> tuple[BlockHash, ...]:
@@ -163,90 +155,3 @@ def decode_message(frames: Sequence[bytes]) -> KVEventBatch:
         events=events,
         data_parallel_rank=rank,
     )
-
-
-@dataclass
-class KVEventSubscriber:
-    """An asyncio ZMQ SUB socket yielding ``KVEventBatch``es.
-
-    ``bind=True`` (the default) binds ``endpoint`` for engines configured to connect to it; ``False``
-    connects to an engine that binds. ``topics`` filters by topic prefix (all by default). Malformed
-    messages are logged once, counted in ``malformed`` and skipped; a jump in a topic's sequence numbers
-    (messages dropped at a high-water mark, or sent before the subscriber was there) adds to ``missed``.
-    """
-
-    endpoint: str
-    bind: bool = True
-    topics: Sequence[str] = ("",)
-    context: zmq.asyncio.Context | None = None
-    malformed: int = 0
-    missed: int = 0
-    _socket: zmq.asyncio.Socket | None = field(default=None, repr=False)
-    _last_seq: dict[str, int] = field(default_factory=dict, repr=False)
-
-    def start(self) -> KVEventSubscriber:
-        """Open the socket (idempotent); returns self."""
-        if self._socket is None:
-            self.context = self.context or zmq.asyncio.Context.instance()
-            sock = self.context.socket(zmq.SUB)
-            sock.setsockopt(zmq.LINGER, 0)
-            for topic in self.topics:
-                sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-            if self.bind:
-                sock.bind(self.endpoint)
-            else:
-                sock.connect(self.endpoint)
-            self._socket = sock
-        return self
-
-    async def recv(self) -> KVEventBatch:
-        """The next well-formed batch."""
-        sock = self.start()._socket
-        assert sock is not None
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                batch = decode_message(frames)
-            except KVEventDecodeError as exc:
-                if not self.malformed:
-                    log.warning("skipping a malformed KV-event message: %s", exc)
-                self.malformed += 1
-                continue
-            last = self._last_seq.get(batch.topic)
-            if last is not None and batch.seq > last + 1:
-                self.missed += batch.seq - last - 1
-            self._last_seq[batch.topic] = batch.seq
-            return batch
-
-    async def __aiter__(self) -> AsyncIterator[KVEventBatch]:
-        while True:
-            yield await self.recv()
-
-    async def replay(
-        self, replay_endpoint: str, start_seq: int = 0, *, wait_seconds: float = 5.0
-    ) -> list[KVEventBatch]:
-        """Batches from ``start_seq`` on, still buffered by the engine whose replay socket is given."""
-        self.start()
-        assert self.context is not None
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(replay_endpoint)
-        batches = []
-        try:
-            await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
-            while True:
-                if not await sock.poll(wait_seconds * 1000):
-                    raise TimeoutError(f"no replay from {replay_endpoint} within {wait_seconds} s")
-                frames = await sock.recv_multipart()
-                if len(frames) == 4 and frames[0] == b"":
-                    frames = frames[1:]
-                if len(frames) == 3 and int.from_bytes(frames[1], "big", signed=True) == END_OF_REPLAY:
-                    return batches
-                batches.append(decode_message(frames))
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
