@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from brickyard_core.podmetrics import EngineSample, MetricsWindow, PodMetrics
 from emulator.engine import EngineCore, EngineStats, Request, RequestResult
+from emulator.kv_events import encode_batch
 from emulator.profile import load_profile
 from emulator.results import RequestOutcome, summarize
 from emulator.tokens import EmulatorTokenizer
@@ -36,7 +37,9 @@ from emulator.workloads import WorkloadRequest
 from gateway_plugins.config import RoutingSettings
 from gateway_plugins.discovery.registry import PodInfo, PodRegistry
 from gateway_plugins.errors import GatewayError
+from gateway_plugins.kv_events import decode_payload
 from gateway_plugins.request_parsing import parse_body
+from gateway_plugins.routing.kv_index import KvBlockIndex
 from gateway_plugins.routing.router import Decision, Router
 from gateway_plugins.routing.strategies import Strategy, build_strategies
 from gateway_plugins.routing.types import Endpoint, PodState
@@ -65,6 +68,12 @@ class FleetSpec:
     seed: int = 0  # seeds the run's random source: tie-breaks, the random strategies' draws
     #: Strategy knobs and presets, as in the gateway's configuration.
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    #: The engines publish their KV-cache events and the prefix-aware strategies match on them (the
+    #: gateway's exact index, ``kv_events.enabled``): each step's batch, encoded as vLLM encodes it and
+    #: decoded as the gateway decodes it, reaches the index ``kv_events_delay`` seconds after the step.
+    #: Only with the default strategies (a ``strategies`` factory builds its own, without the index).
+    kv_events: bool = False
+    kv_events_delay: float = 0.001
     #: With an autoscaler: seconds from an engine's creation until it is routable (scheduling, image pull,
     #: model load); it is provisioned (costs GPU time) from its creation.
     cold_start: float = 60.0
@@ -132,6 +141,9 @@ class FleetResult:
     routed: dict[str, int] = field(default_factory=dict)
     #: Elastic runs only: a point at the start, at every autoscaler evaluation and at every phase change.
     timeline: list[FleetPoint] = field(default_factory=list)
+    #: Requests whose prefix-aware decision predicted their cached tokens, by the index it used (``exact``
+    #: or ``approximate``): (predictions equal to what the engine reported, predictions made).
+    predictions: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def engine_seconds(self, end: float, start: float = 0.0) -> float:
         """Provisioned engine-seconds over ``[start, end]`` (cold-starting and draining engines count); a
@@ -155,6 +167,15 @@ class FleetResult:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _KvBatch:
+    """One engine's KV events of a step, as published (vLLM's msgpack payload)."""
+
+    pod: tuple[str, str]
+    seq: int
+    payload: bytes
+
+
 class _Engine:
     """One simulated engine pod: its model, its pod state, its metrics window, what it is doing.
 
@@ -164,7 +185,18 @@ class _Engine:
     not per step. ``version`` invalidates heap entries a change of plan made stale.
     """
 
-    __slots__ = ("busy_until", "core", "info", "phase", "pod", "ready_at", "run_start", "version", "window")
+    __slots__ = (
+        "busy_until",
+        "core",
+        "info",
+        "kv_seq",
+        "phase",
+        "pod",
+        "ready_at",
+        "run_start",
+        "version",
+        "window",
+    )
 
     def __init__(self, core: EngineCore, pod: PodState, window: MetricsWindow) -> None:
         self.core = core
@@ -173,6 +205,7 @@ class _Engine:
         self.busy_until: float | None = None
         self.run_start: float | None = None
         self.version = 0
+        self.kv_seq = 0  # sequence number of its next KV-event batch
         #: Elastic fleets: "starting" until ``ready_at``, "ready", "draining", "stopped".
         self.phase = _READY
         self.ready_at = 0.0
@@ -211,8 +244,12 @@ class FleetSimulator:
         self.now = 0.0
         #: The one random source of the strategies and the router's tie-breaks: a seed gives one run.
         self.rng = random.Random(spec.seed)
+        #: The engines' prefix caches as their KV events tell them (``FleetSpec.kv_events``).
+        self.kv_index = KvBlockIndex(self.clock) if spec.kv_events else None
         if strategies is None:
-            strategies = build_strategies(spec.routing, clock=self.clock, rng=self.rng)
+            strategies = build_strategies(
+                spec.routing, clock=self.clock, rng=self.rng, kv_index=self.kv_index
+            )
         elif callable(strategies):
             strategies = strategies(self.clock, self.rng)
         self.router = Router(
@@ -232,12 +269,16 @@ class FleetSimulator:
             for i, profile in enumerate(profiles)
         ]
         self._by_pod = {id(engine.pod): engine for engine in self.engines}
+        if spec.kv_events:
+            for engine in self.engines:
+                engine.core.enable_kv_events()
         #: Engine events in time order: (time, tie-break, engine, its version), or (time, tie-break, None,
         #: result) for a finish committed ahead of the time it happens.
         self._events: list[tuple[float, int, _Engine | None, Any]] = []
         self._tie = itertools.count()
         self._decisions: dict[str, Decision] = {}
         self._outcomes: list[RequestOutcome] = []
+        self._predictions: dict[str, list[int]] = {}
         #: Scraped records on their way to the router: (time they become visible, one record per engine).
         self._published: deque[tuple[float, list[PodMetrics]]] = deque()
         self._next_scrape = math.inf
@@ -305,6 +346,7 @@ class FleetSimulator:
             wall_seconds=time.perf_counter() - started,
             routed=routed,
             timeline=self._timeline,
+            predictions={index: (hit, made) for index, (hit, made) in self._predictions.items()},
         )
 
     def _register_adapter(self, adapter: str) -> None:
@@ -331,7 +373,10 @@ class FleetSimulator:
             if now == event:
                 _, _, engine, payload = heapq.heappop(events)
                 if engine is None:
-                    self._finished(payload)
+                    if isinstance(payload, _KvBatch):
+                        self._deliver(payload)
+                    else:
+                        self._finished(payload)
                 elif payload == engine.version:
                     self._on_engine_event(engine, now)
             elif now == visible:
@@ -356,6 +401,7 @@ class FleetSimulator:
                 return
             engine.busy_until = end = out.end
             self._finish_all(out.finished, now)
+            self._publish(engine, end)
         heapq.heappush(self._events, (end, next(self._tie), engine, engine.version))
 
     def _on_engine_event(self, engine: _Engine, now: float) -> None:
@@ -363,6 +409,7 @@ class FleetSimulator:
             out = engine.core.run_decodes(engine.run_start)
             engine.run_start = None
             self._finish_all(out.finished, now)
+            self._publish(engine, now)
         engine.busy_until = None
         if engine.core.has_unfinished_requests:
             self._plan(engine, now)
@@ -372,9 +419,24 @@ class FleetSimulator:
         out = engine.core.advance(engine.run_start, now)  # type: ignore[arg-type]
         engine.run_start = None
         self._finish_all(out.finished, now)
+        self._publish(engine, now)
         engine.version += 1
         engine.busy_until = out.end
         heapq.heappush(self._events, (out.end, next(self._tie), engine, engine.version))
+
+    def _publish(self, engine: _Engine, at: float) -> None:
+        """The engine's KV events since its last batch, on their way to the index (when it has one)."""
+        if self.kv_index is None:
+            return
+        events = engine.core.take_kv_events()
+        if events:
+            batch = _KvBatch((engine.pod.namespace, engine.pod.name), engine.kv_seq, encode_batch(events, at))
+            engine.kv_seq += 1
+            heapq.heappush(self._events, (at + self.spec.kv_events_delay, next(self._tie), None, batch))
+
+    def _deliver(self, batch: _KvBatch) -> None:
+        assert self.kv_index is not None
+        self.kv_index.apply(batch.pod, batch.seq, decode_payload(batch.payload)[1])
 
     def _finish_all(self, results: list[RequestResult], now: float) -> None:
         """Release finishes as they happen: at ``now``, or later for a step committed ahead of its end."""
@@ -391,6 +453,11 @@ class FleetSimulator:
             engine = self._by_pod[id(decision.pod)]
             if engine.phase == _DRAINING:
                 self._stop(engine, self.now)
+        predicted = decision.request.predicted
+        if predicted is not None:
+            tally = self._predictions.setdefault(predicted.index, [0, 0])
+            tally[0] += predicted.cached_tokens == result.cached_prompt_tokens
+            tally[1] += 1
         first_token = result.first_token if result.first_token is not None else result.finished
         self._outcomes.append(
             RequestOutcome(
@@ -461,6 +528,8 @@ class FleetSimulator:
             pod,
             MetricsWindow(spec.metrics_window, gpu_type=profile.gpu),
         )
+        if spec.kv_events:
+            engine.core.enable_kv_events()
         engine.phase, engine.ready_at, engine.info = _STARTING, now + spec.cold_start, info
         self.engines.append(engine)
         if spec.cold_start <= 0:

@@ -235,6 +235,9 @@ class GatewaySettings:
     models: dict[str, ModelSettings] = field(default_factory=dict)
     #: Largest request body routed; bigger bodies get 413.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Bodies longer than this (bytes) of a model with a tokenizer are tokenized in a worker thread before
+    #: routing, so a long prompt (milliseconds of tokenization) does not hold up other streams.
+    tokenize_in_thread_bytes: int = 16 * 1024
     #: EPP contract: alternates listed after the primary endpoint, for Envoy retries.
     epp_fallbacks: int = 2
     #: Seconds to let open streams finish after SIGTERM.

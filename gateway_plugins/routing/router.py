@@ -170,6 +170,13 @@ class Router:
                 )
         return pods
 
+    def attach_tokenizer(self, request: RoutingRequest, subset: Collection[str] | None = None) -> bool:
+        """Give ``request`` the tokenizer of the base model its candidates serve; whether there is one.
+        404/503 (``GatewayError``) when no pod serves the model."""
+        if request.tokenizer is None:
+            request.tokenizer = self.tokenizers.get(self.candidates(request.model, subset)[0].model)
+        return request.tokenizer is not None
+
     def route(
         self,
         request: RoutingRequest,

@@ -230,6 +230,11 @@ class RoutingRequest:
         """Tokens this request may generate in all: ``n`` x ``max_tokens`` (``default`` where unset)."""
         return self.n * (self.max_tokens if self.max_tokens is not None else default)
 
+    def tokenize(self) -> None:
+        """Tokenize now (a worker thread may: nothing else touches the request meanwhile)."""
+        if self._prompt_ids is _UNKNOWN:
+            self._tokenize()
+
     def _tokenize(self) -> None:
         prompt = self.prompt
         if (

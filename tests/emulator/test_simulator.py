@@ -90,3 +90,17 @@ def test_least_request_beats_random_on_tail_latency_under_load() -> None:
     random_p99 = FleetSimulator(FleetSpec(engines=4, strategy="random", seed=1)).run(requests).summary()
     least_p99 = FleetSimulator(FleetSpec(engines=4, strategy="least-request", seed=1)).run(requests).summary()
     assert least_p99["ttft_p99_ms"] < random_p99["ttft_p99_ms"]
+
+
+def test_kv_events_feed_the_exact_index_and_predictions_hold() -> None:
+    """With ``kv_events`` the engines' events (encoded and decoded as on the wire) feed the gateway's exact
+    index: prefix-cache decides on it, and what it predicts cached is what the engines serve from cache."""
+    requests = list(generate("shared-prefix", WorkloadSpec(rate=60, duration=30, seed=1)))
+    simulator = FleetSimulator(FleetSpec(engines=4, strategy="prefix-cache", kv_events=True))
+    result = simulator.run(requests)
+    agreeing, made = result.predictions["exact"]
+    assert made >= 0.99 * len(requests)  # all but each engine's first requests, before its first batch
+    assert agreeing >= 0.99 * made
+    assert simulator.kv_index is not None and simulator.kv_index.stored_blocks > 0
+    plain = FleetSimulator(FleetSpec(engines=4, strategy="prefix-cache")).run(requests)
+    assert "exact" not in plain.predictions

@@ -135,3 +135,69 @@ def test_predictions_meet_the_engines_cached_tokens(fleet: Fleet) -> None:
     assert seen['brickyard_kv_index_pods{state="live"}'] == 2
     assert seen["brickyard_kv_event_gaps_total"] == 0
     assert seen["brickyard_kv_event_blocks_removed_total"] > 0  # under eviction pressure
+
+
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def threaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A gateway that knows the model's tokenizer and tokenizes every prompt in a worker thread."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    vocab = {
+        "[UNK]": 0,
+        **{word: i + 1 for i, word in enumerate(["system", "user", "assistant", ":", "hello"])},
+    }
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": TEMPLATE, "unk_token": "[UNK]"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with Stack(tmp_path_factory.mktemp("threaded")) as stack:
+        engine = stack.start_engine("emu-t", MODEL, None, "--profile", "instant")
+        endpoints = stack.write_endpoints([engine], MODEL, stack.workdir / "endpoints.yaml")
+        settings = stack.workdir / "gateway.yaml"
+        settings.write_text(
+            yaml.safe_dump(
+                {
+                    "default_strategy": "prefix-cache",
+                    "observe_response_status": True,
+                    "tokenize_in_thread_bytes": 0,
+                    "models": {MODEL: {"tokenizer": str(folder)}},
+                }
+            )
+        )
+        gateway = stack.start_gateway("aibrix", endpoints, "--config", str(settings), log_level="warning")
+        port, _ = stack.start_envoy("aibrix", gateway.grpc, [engine])
+        yield Fleet(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gateway.metrics}/metrics")
+
+
+def test_prompts_tokenized_in_a_thread_route_and_refusals_are_400(threaded: Fleet) -> None:
+    chat = [{"role": "system", "content": "hello"}, {"role": "user", "content": "hello hello"}]
+    ok = httpx.post(f"{threaded.base_url}/v1/chat/completions", json={"model": MODEL, "messages": chat})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers[PREFIX_INDEX_HEADER] == "approximate"  # token blocks, but no engine events
+    refused = httpx.post(
+        f"{threaded.base_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+    )
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_value", "messages")
+    assert "roles are system, user and assistant" in error["message"]
+    seen = metrics(threaded)
+    assert seen['brickyard_model_tokenizer{model="emulated-model"}'] == 1
+    assert seen[f'brickyard_pod_inflight_requests{{model="{MODEL}",namespace="default",pod="emu-t"}}'] == 0
