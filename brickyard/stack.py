@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ import yaml
 
 from brickyard_core.credentials import REDIS_PASSWORD_ENV, SIDECAR_TOKEN_ENV
 from brickyard_core.defaults import LOOPBACK, NAMESPACE
+from emulator.tokens import write_tokenizer
+from gateway_plugins.kv_events.feed import PORT_ANNOTATION as KV_EVENTS_PORT_ANNOTATION
+from gateway_plugins.kv_events.feed import REPLAY_PORT_ANNOTATION as KV_EVENTS_REPLAY_PORT_ANNOTATION
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +343,24 @@ class Stack:
         )
         return engine
 
-    def write_endpoints(self, engines: Sequence[Engine], model: str, path: Path) -> Path:
-        """The static endpoints file of a gateway at ``path`` (one per gateway: gateways reload theirs)."""
-        pods = [{"name": e.name, "address": e.address, "model": model} for e in engines]
+    def write_endpoints(
+        self,
+        engines: Sequence[Engine],
+        model: str,
+        path: Path,
+        annotations: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> Path:
+        """The static endpoints file of a gateway at ``path`` (one per gateway: gateways reload theirs);
+        ``annotations`` by engine name."""
+        pods = [
+            {
+                "name": e.name,
+                "address": e.address,
+                "model": model,
+                "annotations": dict((annotations or {}).get(e.name, {})),
+            }
+            for e in engines
+        ]
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump({"pods": pods}))
         tmp.replace(path)  # atomic: the gateway's reloader never reads half a file
@@ -543,13 +561,44 @@ def run_stack(*, engines: int, port: int, contract: str, model: str, profile: st
     signal.signal(signal.SIGINT, request_stop)
     try:
         redis_port = stack.start_redis()
-        started = [
-            stack.start_engine(f"engine-{i}", model, None, "--profile", profile, "--enable-lora")
-            for i in range(engines)
-        ]
+        # Exact routing inputs: the engines publish their KV-cache events and the gateway knows the
+        # emulated model's tokenizer, as it would know a real model's.
+        started, annotations = [], {}
+        for i in range(engines):
+            name, events, replay = f"engine-{i}", free_port(), free_port()
+            started.append(
+                stack.start_engine(
+                    name,
+                    model,
+                    None,
+                    "--profile",
+                    profile,
+                    "--enable-lora",
+                    "--enable-prompt-tokens-details",
+                    "--kv-events-config",
+                    json.dumps(
+                        {
+                            "enable_kv_cache_events": True,
+                            "publisher": "zmq",
+                            "endpoint": f"tcp://*:{events}",
+                            "replay_endpoint": f"tcp://*:{replay}",
+                            "topic": name,
+                        }
+                    ),
+                )
+            )
+            annotations[name] = {
+                KV_EVENTS_PORT_ANNOTATION: str(events),
+                KV_EVENTS_REPLAY_PORT_ANNOTATION: str(replay),
+            }
         sidecars = [stack.start_sidecar(engine, redis_port) for engine in started]
-        endpoints = stack.write_endpoints(started, model, stack.workdir / "endpoints.yaml")
-        gateway = stack.start_gateway(contract, endpoints, redis_port=redis_port)
+        endpoints = stack.write_endpoints(started, model, stack.workdir / "endpoints.yaml", annotations)
+        settings = stack.workdir / "gateway.yaml"
+        tokenizer = write_tokenizer(stack.workdir / "model")
+        settings.write_text(
+            yaml.safe_dump({"kv_events": {"enabled": True}, "models": {model: {"tokenizer": str(tokenizer)}}})
+        )
+        gateway = stack.start_gateway(contract, endpoints, "--config", str(settings), redis_port=redis_port)
         stack.start_envoy(contract, gateway.grpc, started, port)
         for engine, sidecar in zip(started, sidecars, strict=True):
             print(f"  {engine.name}: engine {engine.url}, sidecar http://{LOOPBACK}:{sidecar}", flush=True)

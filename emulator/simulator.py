@@ -46,7 +46,7 @@ from gateway_plugins.routing.types import Endpoint, PodState
 
 Clock = Callable[[], float]
 #: Builds the router's strategies on the simulator's clock and random source.
-StrategiesFactory = Callable[[Clock, random.Random], Mapping[str, Strategy]]
+StrategiesFactory = Callable[[Clock, random.Random, KvBlockIndex | None], Mapping[str, Strategy]]
 
 
 @dataclass
@@ -71,7 +71,6 @@ class FleetSpec:
     #: The engines publish their KV-cache events and the prefix-aware strategies match on them (the
     #: gateway's exact index, ``kv_events.enabled``): each step's batch, encoded as vLLM encodes it and
     #: decoded as the gateway decodes it, reaches the index ``kv_events_delay`` seconds after the step.
-    #: Only with the default strategies (a ``strategies`` factory builds its own, without the index).
     kv_events: bool = False
     kv_events_delay: float = 0.001
     #: With an autoscaler: seconds from an engine's creation until it is routable (scheduling, image pull,
@@ -223,9 +222,10 @@ class FleetSimulator:
         strategies: Mapping[str, Strategy] | StrategiesFactory | None = None,
         autoscaler: Autoscaler | None = None,
     ) -> None:
-        """``strategies``: the router's strategies, or a factory of them given the virtual clock and the
-        run's random source (default: ``build_strategies(spec.routing)`` on both; strategies given as a
-        mapping keep the random source they were built with). ``autoscaler``: makes
+        """``strategies``: the router's strategies, or a factory of them given the virtual clock, the
+        run's random source and the exact prefix index (None without ``spec.kv_events``) (default:
+        ``build_strategies(spec.routing)`` on the three; strategies given as a mapping keep the random
+        source they were built with, and have no exact index). ``autoscaler``: makes
         the fleet elastic (module docstring); ``spec`` then gives its initial size, and its engines share
         one profile."""
         self.spec = spec
@@ -251,7 +251,7 @@ class FleetSimulator:
                 spec.routing, clock=self.clock, rng=self.rng, kv_index=self.kv_index
             )
         elif callable(strategies):
-            strategies = strategies(self.clock, self.rng)
+            strategies = strategies(self.clock, self.rng, self.kv_index)
         self.router = Router(
             registry,
             strategies,

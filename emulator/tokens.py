@@ -1,48 +1,178 @@
-"""A deterministic tokenizer that needs no download, and the emulator's deterministic replies.
+"""The emulated model's tokenizer (a real byte-level BPE, no download) and its deterministic replies.
 
-Text is cut into short words, runs of spaces and single punctuation marks
-(roughly what BPE pre-tokenizers do); each piece maps to a stable id. Equal
-text gives equal ids, so prompts that share a prefix share token blocks, which
-is what prefix caching and prefix-aware routing depend on.
+Text is cut into pieces the way BPE pre-tokenizers do (a leading space and up to six letters, up to three
+digits, one other character, or a run of whitespace); a piece that is a vocabulary word is one token, any
+other piece is its longest word-prefix followed by its remaining bytes. This is exactly what a byte-level
+BPE gives whose merges spell out the vocabulary's words left to right, and ``write_tokenizer`` writes that
+BPE as a Hugging Face ``tokenizer.json`` with the chat template below: a gateway (or any tool) loads the
+emulated model's tokenizer as it loads a real model's, and gets the very ids the emulator computes.
 
-``vocabulary()`` lists words that are exactly one token each; workloads build
-prompts from them and engines reply with them, so token ids and text are always
-produced together and ``encode(text)`` agrees with the ids.
+``vocabulary()`` lists the words (a leading space and two to six letters) that are one token each;
+workloads build prompts from them and engines reply with them, so token ids and text are always produced
+together and ``encode(text)`` agrees with the ids. Equal text gives equal ids, so prompts that share a
+prefix share token blocks, which is what prefix caching and prefix-aware routing depend on.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import zlib
 from collections.abc import Mapping, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-VOCAB_SIZE = 32_000
-_PIECES = re.compile(r" ?[A-Za-z]{1,6}| ?\d{1,3}| ?[^\sA-Za-z\d]|\s+")
+#: The pre-tokenizer's pieces. Whitespace is spelled out rather than ``\s`` so that Python and the Rust
+#: ``tokenizers`` (Oniguruma) agree on every character.
+PIECES = r" ?[A-Za-z]{1,6}| ?[0-9]{1,3}| ?[^ \t\n\r\f\vA-Za-z0-9]|[ \t\n\r\f\v]+"
+_PIECES = re.compile(PIECES)
+#: The emulated model's chat template (Jinja, as in ``tokenizer_config.json``): role tags around each
+#: message, then the assistant's turn. Content parts are joined with newlines, as vLLM does for templates
+#: that take string content.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class Bpe:
+    """The byte-level BPE whose merges build each vocabulary word from its first byte on.
+
+    Ids 0-255 are the bytes; then every prefix of a word (two bytes and longer) in order of first use.
+    All prefixes of every word are tokens, so the merges of a piece stop at its longest word-prefix and
+    leave the rest as single bytes: ``encode`` computes that without merging.
+    """
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.ids: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+        self.merges: list[tuple[bytes, bytes]] = []
+        for word in words:
+            data = word.encode()
+            for end in range(2, len(data) + 1):
+                if data[:end] not in self.ids:
+                    self.merges.append((data[: end - 1], data[end - 1 : end]))
+                    self.ids[data[:end]] = len(self.ids)
+        self.longest = max(map(len, self.ids))
+
+    def encode(self, text: str) -> list[int]:
+        ids, longest = self.ids, self.longest
+        out: list[int] = []
+        for piece in _PIECES.findall(text):
+            data = piece.encode()
+            token = ids.get(data)
+            if token is not None:
+                out.append(token)
+                continue
+            end = min(len(data), longest)
+            while end > 1 and data[:end] not in ids:
+                end -= 1
+            out.append(ids[data[:end]])
+            out.extend(data[end:])  # a byte's id is its value
+        return out
+
+    def tokenizer_json(self) -> dict[str, Any]:
+        """This BPE as a Hugging Face ``tokenizer.json`` (byte-level: bytes spelled as GPT-2's characters)."""
+        char = _byte_chars()
+
+        def spell(data: bytes) -> str:
+            return "".join(char[b] for b in data)
+
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [],
+            "normalizer": None,
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": PIECES}, "behavior": "Isolated", "invert": False},
+                    {
+                        "type": "ByteLevel",
+                        "add_prefix_space": False,
+                        "trim_offsets": True,
+                        "use_regex": False,
+                    },
+                ],
+            },
+            "post_processor": None,
+            "decoder": {
+                "type": "ByteLevel",
+                "add_prefix_space": True,
+                "trim_offsets": True,
+                "use_regex": True,
+            },
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": False,
+                "vocab": {spell(token): token_id for token, token_id in self.ids.items()},
+                "merges": [[spell(left), spell(right)] for left, right in self.merges],
+            },
+        }
+
+
+@cache
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for code points 256+."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def encode(text: str) -> list[int]:
-    return [zlib.crc32(piece.encode()) % VOCAB_SIZE for piece in _PIECES.findall(text)]
+    return bpe().encode(text)
 
 
-def count(text: str) -> int:
-    return len(_PIECES.findall(text))
+def write_tokenizer(folder: Path) -> Path:
+    """The emulated model's tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with the chat
+    template) in ``folder``, for ``models.<name>.tokenizer`` of a gateway in front of emulators."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(bpe().tokenizer_json()))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _words(size: int = 4096, seed: int = 7) -> list[str]:
+    """The vocabulary's words: distinct, a leading space and two to six letters, drawn with ``seed``."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: dict[str, None] = {}
+    while len(words) < size:
+        words.setdefault(" " + "".join(rng.choice(letters) for _ in range(rng.randint(2, 6))))
+    return list(words)
+
+
+@cache
+def bpe() -> Bpe:
+    return Bpe(_words())
 
 
 class Vocabulary:
     """Words that are one token each (a leading space and two to six letters), with distinct ids."""
 
-    def __init__(self, size: int = 4096, seed: int = 7) -> None:
-        rng = random.Random(seed)
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        by_id: dict[int, str] = {}
-        while len(by_id) < size:
-            word = " " + "".join(rng.choice(letters) for _ in range(rng.randint(2, 6)))
-            by_id.setdefault(encode(word)[0], word)
+    def __init__(self, words: Sequence[str]) -> None:
+        tokenizer = bpe()
+        by_id = {tokenizer.ids[word.encode()]: word for word in words}
         self.words = list(by_id.values())
         self.ids = list(by_id)
         self._ids = np.array(self.ids, dtype=np.int64)
@@ -58,14 +188,16 @@ class Vocabulary:
 
 
 def chat_prompt(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
-    """The emulator's chat template: role tags around each message, then the assistant's turn."""
+    """``CHAT_TEMPLATE`` rendered (``write_tokenizer`` hands the template itself to a gateway)."""
     text = "".join(f"<|{m.get('role')}|>\n{_content(m.get('content'))}\n" for m in messages)
     return text + "<|assistant|>\n" if add_generation_prompt else text
 
 
 def _content(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, list):  # text parts, joined as vLLM joins them for a string-content template
+        return "\n".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]
+        )
     return content if isinstance(content, str) else ""
 
 
@@ -90,7 +222,7 @@ class EmulatorTokenizer:
 
 @cache
 def vocabulary() -> Vocabulary:
-    return Vocabulary()
+    return Vocabulary(_words())
 
 
 def reply(prompt_ids: list[int], length: int) -> tuple[list[int], list[str]]:

@@ -13,6 +13,10 @@ run (the machine is shared and noisy, so compare within a run, as ratios):
     epp          client -> Envoy -> ext_proc gateway (EPP contract, random strategy)
     limits       aibrix with tenancy: the ``user`` header's RPM/TPM checked in Redis, usage not read
     accounting   limits + the response read for its usage (headers and body through the gateway)
+    prefix       aibrix with ``prefix-cache`` (prompt hashed in text blocks, the approximate index)
+    prefix-exact aibrix with ``prefix-cache`` and the model's own tokenizer and chat template (the tiny
+                 model of bench/real_vllm, built with the vLLM environment): every prompt rendered and
+                 tokenized, token blocks hashed
 
 ``--baseline REF`` adds ``aibrix@REF`` and ``epp@REF``: the same two paths with the gateway of an
 earlier commit (a git worktree), so a change to the request path is measured against the code before it
@@ -45,6 +49,8 @@ import uvloop
 
 from bench.loadgen import open_loop
 from bench.procstat import total_cpu
+from bench.real_vllm import vllm_python
+from bench.real_vllm.tiny_model import built_model
 from brickyard.stack import Engine, Stack, free_port, render_envoy_config, tcp_answers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +65,8 @@ BODY = json.dumps(
         ],
     }
 ).encode()
-PATHS = ("direct", "envoy", "obvious", "aibrix", "epp", "limits", "accounting")
-GATEWAYS = ("obvious", "aibrix", "epp", "limits", "accounting")
+PATHS = ("direct", "envoy", "obvious", "aibrix", "epp", "limits", "accounting", "prefix", "prefix-exact")
+GATEWAYS = ("obvious", "aibrix", "epp", "limits", "accounting", "prefix", "prefix-exact")
 #: Every request names a tenant; only the tenancy paths read it.
 HEADERS = {"user": "bench-tenant"}
 
@@ -144,13 +150,20 @@ class Bench:
         self.envoy_pid["obvious"] = self.stack.pid("envoy-obvious")
         self.urls["obvious"] = [f"http://127.0.0.1:{port}/v1/chat/completions"]
         redis_port = stack.start_redis()
+        tokenizer = str(built_model(vllm_python()) / "model")
         for path, contract in (
             ("aibrix", "aibrix"),
             ("epp", "epp"),
             ("limits", "aibrix"),
             ("accounting", "aibrix"),
+            ("prefix", "aibrix"),
+            ("prefix-exact", "aibrix"),
         ):
-            extra = ["--default-strategy", "random"]
+            extra = ["--default-strategy", "prefix-cache" if path.startswith("prefix") else "random"]
+            if path == "prefix-exact":
+                config = stack.workdir / f"{path}.yaml"
+                config.write_text(json.dumps({"models": {MODEL: {"tokenizer": tokenizer}}}))
+                extra += ["--config", str(config)]
             if path in ("limits", "accounting"):
                 config = stack.workdir / f"{path}.yaml"
                 tenancy = {"enabled": True, "default_rpm": 10**9, "account_usage": path == "accounting"}
@@ -385,6 +398,16 @@ def report(results: dict[str, Any], rates: list[float]) -> str:
         f"Cost of tenancy per request at {rates[-1]:.0f}/s, over plain aibrix: {', '.join(cost)}; "
         "`limits` is one Redis round trip (RPM and TPM checked and counted by one Lua script), "
         "`accounting` adds the response headers and body passing through the gateway for their usage.",
+    ]
+    prefix_cpu = (
+        f"{p} {med[p][kind]['gateway_cpu_us'] / med['aibrix'][kind]['gateway_cpu_us']:.2f}x ({where[kind]})"
+        for p in ("prefix", "prefix-exact")
+        for kind in med[p]
+    )
+    lines += [
+        "",
+        f"Gateway CPU per request of `prefix-cache` relative to `random` (aibrix): {', '.join(prefix_cpu)}; "
+        "`prefix-exact` renders the chat template and tokenizes every prompt with the model's tokenizer.",
     ]
     for baseline in baselines:
         now = baseline.partition("@")[0]

@@ -7,7 +7,9 @@ sustains (``emulator.capacity.saturation_throughput``). At 80% every strategy ru
 95% the baselines and the prefix-aware ones. The prefix-cache hit rate is compared with the oracle's
 (one infinite cache that saw every earlier request, ``emulator.oracle``). ``sglang-cache-aware-model``
 is our model of sglang-router's / vllm-router's ``cache_aware`` rule (``bench.routing.peer_models``);
-the live benchmark runs the real routers.
+the live benchmark runs the real routers. Every request goes through the gateway's parse path as the
+OpenAI body a client sends, and is tokenized with the emulated model's tokenizer; ``NAME+events`` is
+strategy NAME with the engines' KV events feeding the gateway's exact prefix index (``kv_events``).
 
 Writes ``bench/results/routing-simulation.json``, the tables in ``docs/benchmarks/routing.md`` (between
 the ``simulation`` markers) and one TTFT CDF per workload at 80% load in ``docs/benchmarks/``.
@@ -32,6 +34,7 @@ from emulator.capacity import saturation_throughput
 from emulator.oracle import oracle_hit_rate
 from emulator.simulator import FleetSimulator, FleetSpec
 from emulator.workloads import WorkloadSpec, generate
+from gateway_plugins.routing.kv_index import KvBlockIndex
 from gateway_plugins.routing.strategies import Strategy, build_strategies
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +44,15 @@ ENGINES = 16
 PROFILE = "llama-3.1-8b_h100"
 LOADS = (0.5, 0.8, 0.95)
 BASELINES = ("random", "round-robin", "least-request")
-PREFIX_AWARE = ("prefix-cache", "prefix-cache-and-load", "inference-extension", CacheAwareModel.name)
+#: A strategy name with this suffix runs with the engines' KV events feeding the gateway's exact index.
+EVENTS = "+events"
+PREFIX_AWARE = (
+    "prefix-cache",
+    "prefix-cache-and-load",
+    "inference-extension",
+    *(f"{name}{EVENTS}" for name in ("prefix-cache", "prefix-cache-and-load", "inference-extension")),
+    CacheAwareModel.name,
+)
 EVERY = (
     *BASELINES,
     "power-of-two",
@@ -92,9 +103,12 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-def strategies_with_models(clock: Callable[[], float], rng: random.Random) -> dict[str, Strategy]:
-    """The gateway's strategies plus the peers' rule models, on the simulator's clock and random source."""
-    strategies = build_strategies(clock=clock, rng=rng)
+def strategies_with_models(
+    clock: Callable[[], float], rng: random.Random, kv_index: KvBlockIndex | None
+) -> dict[str, Strategy]:
+    """The gateway's strategies plus the peers' rule models, on the simulator's clock and random source
+    (and, for the ``+events`` runs, the exact index the engines' KV events feed)."""
+    strategies = build_strategies(clock=clock, rng=rng, kv_index=kv_index)
     model = CacheAwareModel(clock)
     strategies[model.name] = model
     return strategies
@@ -108,8 +122,10 @@ def run_one(job: tuple[str, float, float, str]) -> dict[str, Any]:
     )
     requests = list(generate(workload.generator, spec))
     started = time.perf_counter()
+    base, events = strategy.removesuffix(EVENTS), strategy.endswith(EVENTS)
     result = FleetSimulator(
-        FleetSpec(engines=ENGINES, profile=PROFILE, strategy=strategy), strategies=strategies_with_models
+        FleetSpec(engines=ENGINES, profile=PROFILE, strategy=base, kv_events=events),
+        strategies=strategies_with_models,
     ).run(requests)
     return {
         "workload": name,
@@ -117,6 +133,7 @@ def run_one(job: tuple[str, float, float, str]) -> dict[str, Any]:
         "strategy": strategy,
         "offered_rps": spec.rate,
         "summary": result.summary(),
+        "predictions": result.predictions,
         "ttft": sorted(o.ttft for o in result.outcomes) if load == 0.8 else [],
         "wall_seconds": time.perf_counter() - started,
     }
@@ -190,8 +207,9 @@ def simulation_tables(report: dict[str, Any]) -> str:
             f"{data['note']}. Capacity {data['capacity_per_engine_rps']:.1f} req/s per engine; "
             f"oracle hit rate {oracle:.3f}. ![TTFT CDF](routing-{name}.png)",
             "",
-            "| load | strategy | TTFT p50 ms | TTFT p99 ms | TPOT p99 ms | req/s | hit rate | of oracle |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| load | strategy | TTFT p50 ms | TTFT p99 ms | TPOT p99 ms | req/s | hit rate | of oracle "
+            "| cached tokens predicted exactly |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for run in sorted(data["runs"], key=lambda r: (r["load"] != 0.8, r["load"])):
             s = run["summary"]
@@ -199,10 +217,17 @@ def simulation_tables(report: dict[str, Any]) -> str:
                 f"| {run['load']:.0%} | {run['strategy']} | {s['ttft_p50_ms']:.1f} | "
                 f"{s['ttft_p99_ms']:.1f} | {s['tpot_p99_ms']:.1f} | {s['throughput_rps']:.1f} | "
                 f"{s['prefix_hit_rate']:.3f} | "
-                f"{s['prefix_hit_rate'] / oracle if oracle else 0:.0%} |"
+                f"{s['prefix_hit_rate'] / oracle if oracle else 0:.0%} | {_agreement(run)} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _agreement(run: dict[str, Any]) -> str:
+    """Share of a prefix-aware run's predictions of cached tokens that the engine met, over all indexes."""
+    tallies = run.get("predictions") or {}
+    made = sum(total for _, total in tallies.values())
+    return f"{sum(hit for hit, _ in tallies.values()) / made:.1%}" if made else "—"
 
 
 if __name__ == "__main__":
