@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,8 @@ class Child:
 class Engine:
     name: str
     port: int
+    #: Annotations of the engine's pod in the gateway's endpoints file (``write_endpoints``).
+    annotations: tuple[tuple[str, str], ...] = ()
 
     @property
     def address(self) -> str:
@@ -227,8 +229,28 @@ class Stack:
         )
         return port
 
-    def start_engine(self, name: str, model: str, port: int | None = None, *extra: str) -> Engine:
-        engine = Engine(name, port or free_port())
+    def start_engine(
+        self, name: str, model: str, port: int | None = None, *extra: str, kv_events: bool = False
+    ) -> Engine:
+        """An emulated engine; with ``kv_events`` it publishes its KV-cache events (bound on free ports,
+        with a replay socket, as vLLM with a wildcard endpoint) and reports cached prompt tokens in usage,
+        and its pod's annotations tell a gateway where to subscribe."""
+        annotations: tuple[tuple[str, str], ...] = ()
+        if kv_events:
+            events, replay = free_port(), free_port()
+            config = {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": f"tcp://*:{events}",
+                "replay_endpoint": f"tcp://*:{replay}",
+                "topic": name,
+            }
+            extra = (*extra, "--kv-events-config", json.dumps(config), "--enable-prompt-tokens-details")
+            annotations = (
+                (KV_EVENTS_PORT_ANNOTATION, str(events)),
+                (KV_EVENTS_REPLAY_PORT_ANNOTATION, str(replay)),
+            )
+        engine = Engine(name, port or free_port(), annotations)
         self.spawn(
             name,
             [*_brickyard(), "emulator", "--port", str(engine.port), "--model", model, "--name", name, *extra],
@@ -343,22 +365,10 @@ class Stack:
         )
         return engine
 
-    def write_endpoints(
-        self,
-        engines: Sequence[Engine],
-        model: str,
-        path: Path,
-        annotations: Mapping[str, Mapping[str, str]] | None = None,
-    ) -> Path:
-        """The static endpoints file of a gateway at ``path`` (one per gateway: gateways reload theirs);
-        ``annotations`` by engine name."""
+    def write_endpoints(self, engines: Sequence[Engine], model: str, path: Path) -> Path:
+        """The static endpoints file of a gateway at ``path`` (one per gateway: gateways reload theirs)."""
         pods = [
-            {
-                "name": e.name,
-                "address": e.address,
-                "model": model,
-                "annotations": dict((annotations or {}).get(e.name, {})),
-            }
+            {"name": e.name, "address": e.address, "model": model, "annotations": dict(e.annotations)}
             for e in engines
         ]
         tmp = path.with_suffix(".tmp")
@@ -548,6 +558,17 @@ def _http_ok(port: int, path: str) -> bool:
         connection.close()
 
 
+def exact_inputs_settings(folder: Path, model: str) -> Path:
+    """A gateway settings file routing ``model`` (emulated) on exact inputs: the emulated model's tokenizer
+    (written into ``folder``) and the engines' KV events (engines started with ``kv_events``)."""
+    tokenizer = write_tokenizer(folder / "emulated-model")
+    settings = folder / "exact-inputs.yaml"
+    settings.write_text(
+        yaml.safe_dump({"kv_events": {"enabled": True}, "models": {model: {"tokenizer": str(tokenizer)}}})
+    )
+    return settings
+
+
 def run_stack(*, engines: int, port: int, contract: str, model: str, profile: str) -> None:
     """``brickyard up``: start everything, print the base URL, run until Ctrl-C or SIGTERM."""
     stack = Stack()
@@ -563,41 +584,15 @@ def run_stack(*, engines: int, port: int, contract: str, model: str, profile: st
         redis_port = stack.start_redis()
         # Exact routing inputs: the engines publish their KV-cache events and the gateway knows the
         # emulated model's tokenizer, as it would know a real model's.
-        started, annotations = [], {}
-        for i in range(engines):
-            name, events, replay = f"engine-{i}", free_port(), free_port()
-            started.append(
-                stack.start_engine(
-                    name,
-                    model,
-                    None,
-                    "--profile",
-                    profile,
-                    "--enable-lora",
-                    "--enable-prompt-tokens-details",
-                    "--kv-events-config",
-                    json.dumps(
-                        {
-                            "enable_kv_cache_events": True,
-                            "publisher": "zmq",
-                            "endpoint": f"tcp://*:{events}",
-                            "replay_endpoint": f"tcp://*:{replay}",
-                            "topic": name,
-                        }
-                    ),
-                )
+        started = [
+            stack.start_engine(
+                f"engine-{i}", model, None, "--profile", profile, "--enable-lora", kv_events=True
             )
-            annotations[name] = {
-                KV_EVENTS_PORT_ANNOTATION: str(events),
-                KV_EVENTS_REPLAY_PORT_ANNOTATION: str(replay),
-            }
+            for i in range(engines)
+        ]
         sidecars = [stack.start_sidecar(engine, redis_port) for engine in started]
-        endpoints = stack.write_endpoints(started, model, stack.workdir / "endpoints.yaml", annotations)
-        settings = stack.workdir / "gateway.yaml"
-        tokenizer = write_tokenizer(stack.workdir / "model")
-        settings.write_text(
-            yaml.safe_dump({"kv_events": {"enabled": True}, "models": {model: {"tokenizer": str(tokenizer)}}})
-        )
+        endpoints = stack.write_endpoints(started, model, stack.workdir / "endpoints.yaml")
+        settings = exact_inputs_settings(stack.workdir, model)
         gateway = stack.start_gateway(contract, endpoints, "--config", str(settings), redis_port=redis_port)
         stack.start_envoy(contract, gateway.grpc, started, port)
         for engine, sidecar in zip(started, sidecars, strict=True):

@@ -46,7 +46,8 @@ DOCS = REPO / "docs" / "benchmarks"
 MODEL = "llama-3.1-8b-instruct"
 PROFILE = "llama-3.1-8b_h100"
 BRICKYARD = ("least-request", "prefix-cache")
-ROUTERS = (*(f"brickyard:{s}" for s in BRICKYARD), *PEERS)
+#: ``brickyard-exact``: with the emulated model's tokenizer and the engines' KV events.
+ROUTERS = (*(f"brickyard:{s}" for s in BRICKYARD), "brickyard-exact:prefix-cache", *PEERS)
 LIVE_WORKLOADS = ("shared-prefix-large", "multi-turn", "no-sharing")
 CPU_BODY = json.dumps(
     {
@@ -71,7 +72,9 @@ def peer_router(name: str) -> RouterStarter:
 
 def router(name: str) -> RouterStarter:
     kind, _, policy = name.partition(":")
-    return brickyard_router(policy, MODEL) if kind == "brickyard" else peer_router(name)
+    if kind.startswith("brickyard"):
+        return brickyard_router(policy, MODEL, exact=kind == "brickyard-exact")
+    return peer_router(name)
 
 
 def workload_runs(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,13 +166,16 @@ def main() -> None:
     args.model, args.profile = MODEL, PROFILE
     install_peers()
     started = time.time()
+    # Workloads not run this time keep their last results (a run may cover only some of them).
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    workloads = {**previous.get("workloads", {}), **workload_runs(args)}
     report = {
         "engines": args.engines,
         "speed": args.speed,
         "load": args.load,
         "command": " ".join(["python -m bench.routing.live", *sys.argv[1:]]),
-        "workloads": workload_runs(args),
-        "cpu": {} if args.skip_cpu else {"rate": args.cpu_rate, "rows": cpu_runs(args)},
+        "workloads": workloads,
+        "cpu": previous.get("cpu", {}) if args.skip_cpu else {"rate": args.cpu_rate, "rows": cpu_runs(args)},
         "wall_seconds": time.time() - started,
     }
     RESULTS.write_text(json.dumps(report, indent=1))

@@ -65,13 +65,23 @@ def run_simulated(args: argparse.Namespace, strategy: str, workload: list[Worklo
 RouterStarter = Callable[["Stack", list["Engine"]], tuple[str, list[int]]]
 
 
-def brickyard_router(strategy: str, model: str) -> RouterStarter:
-    """Envoy + the gateway (AIBrix contract) routing ``model`` with ``strategy`` by default."""
+def brickyard_router(strategy: str, model: str, *, exact: bool = False) -> RouterStarter:
+    """Envoy + the gateway (AIBrix contract) routing ``model`` with ``strategy`` by default; ``exact``: with
+    the emulated model's tokenizer and the engines' KV events (``brickyard.stack.exact_inputs_settings``)."""
 
     def start(stack: Stack, engines: list[Engine]) -> tuple[str, list[int]]:
+        from brickyard.stack import exact_inputs_settings
+
         endpoints = stack.write_endpoints(engines, model, stack.workdir / "endpoints.yaml")
+        settings = ["--config", str(exact_inputs_settings(stack.workdir, model))] if exact else []
         gateway = stack.start_gateway(
-            "aibrix", endpoints, "--default-strategy", strategy, name="gateway", log_level="warning"
+            "aibrix",
+            endpoints,
+            "--default-strategy",
+            strategy,
+            *settings,
+            name="gateway",
+            log_level="warning",
         )
         port, _ = stack.start_envoy("aibrix", gateway.grpc, engines, name="envoy")
         return f"http://127.0.0.1:{port}", [stack.pid("gateway"), stack.pid("envoy")]
@@ -109,6 +119,7 @@ def run_live_router(
                 "--speed",
                 str(args.speed),
                 "--enable-lora",
+                kv_events=True,  # for the exact router; every router gets the same engines
             )
             for i in range(args.engines)
         ]

@@ -1,9 +1,7 @@
 """The exact prefix index end to end with emulated engines: their KV-cache events over ZMQ (in vLLM's
 encoding) feed the gateway through its subscriptions, behind a real Envoy; the gateway's prediction of
-each request's cached tokens meets what the engine reports.
-
-Token-id prompts: the gateway needs no tokenizer for them, so this checks the events path alone (the
-real-vLLM test checks it with the model's tokenizer and chat template).
+each request's cached tokens meets what the engine reports, for token-id prompts (no tokenizer involved)
+and for chats (the emulated model's tokenizer and chat template, loaded from the files it writes).
 """
 
 from __future__ import annotations
@@ -19,10 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
-from brickyard.stack import Stack, free_port
+from brickyard.stack import Stack
 from emulator import tokens
+from emulator.tokens import write_tokenizer
 from gateway_plugins.extproc.contracts import PREDICTED_CACHED_HEADER, PREFIX_INDEX_HEADER
-from gateway_plugins.kv_events.feed import PORT_ANNOTATION, REPLAY_PORT_ANNOTATION
 
 MODEL = "emulated-model"
 BLOCKS = 48  # of 16 tokens per engine: a working set several times larger is evicted and re-stored
@@ -37,39 +35,13 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with Stack(tmp_path_factory.mktemp("exact-emulated")) as stack:
-        engines, pods = [], []
-        for name in ("emu-a", "emu-b"):
-            events, replay = free_port(), free_port()
-            config = {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": f"tcp://*:{events}",
-                "replay_endpoint": f"tcp://*:{replay}",
-                "topic": name,
-            }
-            engine = stack.start_engine(
-                name,
-                MODEL,
-                None,
-                "--num-blocks",
-                str(BLOCKS),
-                "--kv-events-config",
-                json.dumps(config),
-                "--enable-prompt-tokens-details",
-                "--max-model-len",
-                "512",
+        engines = [
+            stack.start_engine(
+                name, MODEL, None, "--num-blocks", str(BLOCKS), "--max-model-len", "512", kv_events=True
             )
-            engines.append(engine)
-            pods.append(
-                {
-                    "name": name,
-                    "address": engine.address,
-                    "model": MODEL,
-                    "annotations": {PORT_ANNOTATION: str(events), REPLAY_PORT_ANNOTATION: str(replay)},
-                }
-            )
-        endpoints = stack.workdir / "endpoints.yaml"
-        endpoints.write_text(yaml.safe_dump({"pods": pods}))
+            for name in ("emu-a", "emu-b")
+        ]
+        endpoints = stack.write_endpoints(engines, MODEL, stack.workdir / "endpoints.yaml")
         settings = stack.workdir / "gateway.yaml"
         settings.write_text(
             yaml.safe_dump(
@@ -77,6 +49,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                     "default_strategy": "prefix-cache",
                     "observe_response_status": True,
                     "kv_events": {"enabled": True},
+                    # The emulated model's own tokenizer, loaded as a real model's would be.
+                    "models": {MODEL: {"tokenizer": str(write_tokenizer(stack.workdir / "model"))}},
                 }
             )
         )
@@ -94,23 +68,45 @@ def metrics(fleet: Fleet) -> dict[str, float]:
     return values
 
 
-def prompts(count: int, seed: int = 3) -> Iterator[list[int]]:
-    """Token-id prompts sharing 12 prefixes of 3-8 blocks, popular by Zipf 1.1, each with its own tail."""
+def prefixed(count: int, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(shared prefix, own tail) token ids: 12 prefixes of 3-8 blocks (Zipf 1.1), tails of 3-40 tokens."""
     rng = random.Random(seed)
     draw = np.random.default_rng(seed)
     vocabulary = tokens.vocabulary()
     prefixes = [vocabulary.segment(draw, 16 * rng.randint(3, 8)) for _ in range(12)]
     weights = [1 / (rank + 1) ** 1.1 for rank in range(len(prefixes))]
     for _ in range(count):
-        yield rng.choices(prefixes, weights)[0] + vocabulary.segment(draw, rng.randint(3, 40))
+        yield rng.choices(prefixes, weights)[0], vocabulary.segment(draw, rng.randint(3, 40))
 
 
-def test_predictions_meet_the_engines_cached_tokens(fleet: Fleet) -> None:
+def prompts(count: int, seed: int = 3) -> Iterator[list[int]]:
+    """Token-id completions prompts."""
+    for prefix, tail in prefixed(count, seed):
+        yield prefix + tail
+
+
+def chats(count: int, seed: int = 4) -> Iterator[list[dict[str, str]]]:
+    """Chats: the shared prefix as the system prompt (text of vocabulary words), the tail as the question."""
+    vocabulary = tokens.vocabulary()
+    for prefix, tail in prefixed(count, seed):
+        yield [
+            {"role": "system", "content": vocabulary.text(prefix)},
+            {"role": "user", "content": "Why?" + vocabulary.text(tail)},
+        ]
+
+
+@pytest.mark.parametrize("kind", ["token ids", "chat"])
+def test_predictions_meet_the_engines_cached_tokens(fleet: Fleet, kind: str) -> None:
     outcomes = []
+    if kind == "chat":
+        bodies = [("/v1/chat/completions", {"messages": chat}) for chat in chats(150)]
+    else:
+        bodies = [("/v1/completions", {"prompt": prompt}) for prompt in prompts(150)]
+    before = metrics(fleet).get('brickyard_prefix_decisions_total{index="exact"}', 0)
     with httpx.Client(timeout=30) as client:
-        for prompt in prompts(150):
+        for path, fields in bodies:
             response = client.post(
-                f"{fleet.base_url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2}
+                f"{fleet.base_url}{path}", json={"model": MODEL, "max_tokens": 2, **fields}
             )
             assert response.status_code == 200, response.text
             outcomes.append(
@@ -131,7 +127,7 @@ def test_predictions_meet_the_engines_cached_tokens(fleet: Fleet) -> None:
     assert agree >= 0.99 * len(outcomes), report
     assert hits > 0, report
     seen = metrics(fleet)
-    assert seen['brickyard_prefix_decisions_total{index="exact"}'] == by_index["exact"]
+    assert seen['brickyard_prefix_decisions_total{index="exact"}'] - before == by_index["exact"]
     assert seen['brickyard_kv_index_pods{state="live"}'] == 2
     assert seen["brickyard_kv_event_gaps_total"] == 0
     assert seen["brickyard_kv_event_blocks_removed_total"] > 0  # under eviction pressure
