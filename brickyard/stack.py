@@ -237,19 +237,8 @@ class Stack:
         and its pod's annotations tell a gateway where to subscribe."""
         annotations: tuple[tuple[str, str], ...] = ()
         if kv_events:
-            events, replay = free_port(), free_port()
-            config = {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": f"tcp://*:{events}",
-                "replay_endpoint": f"tcp://*:{replay}",
-                "topic": name,
-            }
+            config, annotations = kv_events_config(name)
             extra = (*extra, "--kv-events-config", json.dumps(config), "--enable-prompt-tokens-details")
-            annotations = (
-                (KV_EVENTS_PORT_ANNOTATION, str(events)),
-                (KV_EVENTS_REPLAY_PORT_ANNOTATION, str(replay)),
-            )
         engine = Engine(name, port or free_port(), annotations)
         self.spawn(
             name,
@@ -307,6 +296,7 @@ class Stack:
         extra: Sequence[str] = (),
         cpu_core: int | None = None,
         kv_events: dict[str, Any] | None = None,
+        annotations: tuple[tuple[str, str], ...] = (),
         env: dict[str, str] | None = None,
         timeout: float = 300.0,
         wait: bool = True,
@@ -318,11 +308,12 @@ class Stack:
         distribution is called. It runs offline, with runtime LoRA loading and the development endpoints
         (``POST /reset_prefix_cache``) on; ``cpu_core`` pins the server's processes to one core
         (``taskset``), so that engines sharing a small machine do not contend; ``kv_events`` is the
-        ``--kv-events-config`` object (ZMQ publisher). Ready once ``/v1/models``
+        ``--kv-events-config`` object (ZMQ publisher; ``kv_events_config`` makes one, with the pod
+        ``annotations`` that say where it publishes). Ready once ``/v1/models``
         answers; with ``wait=False`` it returns at once and ``wait_ready(name)`` waits, so several engines
         can start side by side.
         """
-        engine = Engine(name, port or free_port())
+        engine = Engine(name, port or free_port(), annotations)
         pin = ["taskset", "-c", str(cpu_core)] if cpu_core is not None and shutil.which("taskset") else []
         argv = [
             *pin,
@@ -556,6 +547,20 @@ def _http_ok(port: int, path: str) -> bool:
         return False
     finally:
         connection.close()
+
+
+def kv_events_config(topic: str) -> tuple[dict[str, Any], tuple[tuple[str, str], ...]]:
+    """An engine's ``--kv-events-config`` (vLLM's and the emulator's) publishing on free ports, bound (a
+    wildcard endpoint) with a replay socket, and the pod annotations that tell a gateway those ports."""
+    events, replay = free_port(), free_port()
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{events}",
+        "replay_endpoint": f"tcp://*:{replay}",
+        "topic": topic,
+    }
+    return config, ((KV_EVENTS_PORT_ANNOTATION, str(events)), (KV_EVENTS_REPLAY_PORT_ANNOTATION, str(replay)))
 
 
 def exact_inputs_settings(folder: Path, model: str) -> Path:

@@ -52,9 +52,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.peers import peers_available, start_peer, stop_peer
 from bench.real_vllm import vllm_python
 from bench.real_vllm.tiny_model import WORDS, built_model
-from brickyard.stack import Engine, Stack, free_port
+from brickyard.stack import Engine, Stack, kv_events_config
 from gateway_plugins.extproc.contracts import PREDICTED_CACHED_HEADER
-from gateway_plugins.kv_events.feed import PORT_ANNOTATION, REPLAY_PORT_ANNOTATION
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "real_vllm.json"
@@ -156,16 +155,9 @@ class Fleet:
 
 
 def start_fleet(stack: Stack, python: str, model_dir: Path, kv_blocks: int) -> Fleet:
-    engines, pods = [], []
+    engines = []
     for core, name in enumerate("ab"):
-        events, replay = free_port(), free_port()
-        kv_events = {
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            "endpoint": f"tcp://*:{events}",
-            "replay_endpoint": f"tcp://*:{replay}",
-            "topic": name,
-        }
+        kv_events, annotations = kv_events_config(name)
         engines.append(
             stack.start_vllm(
                 f"vllm-{name}",
@@ -174,26 +166,17 @@ def start_fleet(stack: Stack, python: str, model_dir: Path, kv_blocks: int) -> F
                 served_model_name=MODEL,
                 cpu_core=core,
                 kv_events=kv_events,
+                annotations=annotations,
                 extra=("--num-gpu-blocks-override", str(kv_blocks), "--enable-prompt-tokens-details"),
                 wait=False,
             )
-        )
-        annotations = {PORT_ANNOTATION: str(events), REPLAY_PORT_ANNOTATION: str(replay)}
-        pods.append(
-            {
-                "name": f"vllm-{name}",
-                "address": engines[-1].address,
-                "model": MODEL,
-                "annotations": annotations,
-            }
         )
     for engine in engines:
         stack.wait_ready(engine.name, timeout=300)
     redis_port = stack.start_redis()
     for engine in engines:
         stack.start_sidecar(engine, redis_port)
-    endpoints = stack.workdir / "endpoints.yaml"
-    endpoints.write_text(yaml.safe_dump({"pods": pods}))
+    endpoints = stack.write_endpoints(engines, MODEL, stack.workdir / "endpoints.yaml")
     common = {"observe_response_status": True}
     exact = {**common, "kv_events": {"enabled": True}, "models": {MODEL: {"tokenizer": str(model_dir)}}}
     routers = {}

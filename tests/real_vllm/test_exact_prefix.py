@@ -18,13 +18,12 @@ import httpx
 import pytest
 import yaml
 
-from brickyard.stack import Engine, Stack, free_port
+from brickyard.stack import Engine, Stack, kv_events_config
 from gateway_plugins.extproc.contracts import (
     APPROXIMATE_CACHED_HEADER,
     PREDICTED_CACHED_HEADER,
     PREFIX_INDEX_HEADER,
 )
-from gateway_plugins.kv_events.feed import PORT_ANNOTATION, REPLAY_PORT_ANNOTATION
 from tests.real_vllm.conftest import MODEL, build_tiny_model, vllm_python
 from tests.real_vllm.test_routing import text
 
@@ -45,9 +44,9 @@ def exact_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExactFleet
     python = vllm_python()
     model = build_tiny_model(python)
     with Stack(tmp_path_factory.mktemp("exact-prefix")) as stack:
-        engines, pods = [], []
+        engines = []
         for core, name in enumerate(("exact-a", "exact-b")):
-            events, replay = free_port(), free_port()
+            kv_events, annotations = kv_events_config(name)
             engines.append(
                 stack.start_vllm(
                     name,
@@ -55,27 +54,13 @@ def exact_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExactFleet
                     python=python,
                     served_model_name=MODEL,
                     cpu_core=core % 2,
-                    kv_events={
-                        "enable_kv_cache_events": True,
-                        "publisher": "zmq",
-                        "endpoint": f"tcp://*:{events}",
-                        "replay_endpoint": f"tcp://*:{replay}",
-                        "topic": name,
-                    },
+                    kv_events=kv_events,
+                    annotations=annotations,
                     extra=("--enable-prompt-tokens-details", "--num-gpu-blocks-override", str(KV_BLOCKS)),
                     wait=False,
                 )
             )
-            pods.append(
-                {
-                    "name": name,
-                    "address": engines[-1].address,
-                    "model": MODEL,
-                    "annotations": {PORT_ANNOTATION: str(events), REPLAY_PORT_ANNOTATION: str(replay)},
-                }
-            )
-        endpoints = stack.workdir / "exact-endpoints.yaml"
-        endpoints.write_text(yaml.safe_dump({"pods": pods}))
+        endpoints = stack.write_endpoints(engines, MODEL, stack.workdir / "exact-endpoints.yaml")
         config = stack.workdir / "exact-gateway.yaml"
         config.write_text(
             yaml.safe_dump(
