@@ -1,6 +1,6 @@
 """Every strategy on every workload, simulated: 16 engines (Llama-3.1-8B on H100) at 50/80/95% load.
 
-    python -m bench.routing.simulation [--jobs 2] [--only WORKLOAD ...]
+    python -m bench.routing.simulation [--jobs 2] [--only WORKLOAD ...] [--strategies NAME ...]
 
 Load is a fraction of the fleet's capacity for that workload: 16 x the highest rate one engine
 sustains (``emulator.capacity.saturation_throughput``). At 80% every strategy runs; at 50% and
@@ -163,12 +163,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="simulations run in parallel")
     parser.add_argument("--only", nargs="*", choices=list(WORKLOADS), help="workloads to (re)run")
+    parser.add_argument(
+        "--strategies",
+        nargs="*",
+        help="(re)run only these strategies, at the loads the matrix runs them; the other runs of each "
+        "workload keep their last results",
+    )
     args = parser.parse_args()
     report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"workloads": {}}
     names = args.only or list(WORKLOADS)
     with ProcessPoolExecutor(args.jobs) as pool:
         facts = dict(zip(names, pool.map(workload_facts, names), strict=True))
         jobs = [job for name in names for job in jobs_for(name, facts[name]["capacity_per_engine_rps"])]
+        if args.strategies:
+            jobs = [job for job in jobs if job[3] in args.strategies]
         runs = {name: [] for name in names}
         for run in pool.map(run_one, jobs):
             s = run["summary"]
@@ -181,8 +189,15 @@ def main() -> None:
             runs[run["workload"]].append(run)
     for name in names:
         workload = WORKLOADS[name]
-        at_80 = {run["strategy"]: run for run in runs[name] if run["load"] == 0.8}
-        plot_ttft(at_80, DOCS / f"routing-{name}.png", f"{name}, {ENGINES} engines, load 80% (simulation)")
+        if args.strategies:  # keep the runs not redone, from the last report
+            redone = {(run["strategy"], run["load"]) for run in runs[name]}
+            kept = report["workloads"].get(name, {}).get("runs", [])
+            runs[name] = [r for r in kept if (r["strategy"], r["load"]) not in redone] + runs[name]
+        if not args.strategies:  # the CDF needs every run's latencies (a report keeps only summaries)
+            at_80 = {run["strategy"]: run for run in runs[name] if run["load"] == 0.8}
+            plot_ttft(
+                at_80, DOCS / f"routing-{name}.png", f"{name}, {ENGINES} engines, load 80% (simulation)"
+            )
         report["workloads"][name] = {
             "generator": workload.generator,
             "options": dict(workload.options),

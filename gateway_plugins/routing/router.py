@@ -195,7 +195,9 @@ class Router:
         scores = strategy.score(request, pods)
         order = rank(scores, self.rng, 1 + fallbacks)
         chosen = pods[order[0]]
-        tokens = request.prompt_tokens_so_far
+        # What metric strategies read of the load routed since a record is a length: exact where it can be,
+        # while a strategy that reads no metrics does not make this request pay a tokenization for it.
+        tokens = request.prompt_tokens if strategy.uses_metrics else request.prompt_tokens_so_far
         strategy.on_routed(request, chosen)
         # Nothing below can fail: only a request that is routed counts, in flight (``release`` undoes it)
         # and in the decision counters.

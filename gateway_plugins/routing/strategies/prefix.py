@@ -278,9 +278,11 @@ class PrefixCacheStrategy(_PrefixLearner):
         least = min(pod.load for pod in pods)
         spread = max(pod.load for pod in pods) - least + 1
         floor = self.min_match_ratio * request.prompt_tokens
-        # Whole matched tokens dominate; within equal matches, lighter load wins (the fraction is < 1).
+        unit = self.index.block_tokens
+        # Matches count in blocks of the approximate index's size (whatever index found them), and whole
+        # blocks dominate; within equal matches, lighter load wins (the fraction is < 1).
         return [
-            (0 if blocked or tokens < floor else tokens) + (1 - (pod.load - least) / spread) / 2
+            (0 if blocked or tokens < floor else tokens / unit) + (1 - (pod.load - least) / spread) / 2
             for pod, tokens, blocked in zip(pods, matched, guard, strict=True)
         ]
 
